@@ -1,0 +1,146 @@
+"""A ready-to-run test machine: VM + memory + vCPUs + a loaded guest, the vocabulary of the kernel
+selftests' kvm_util (vm_create_with_vcpus, vm_userspace_mem_region_add, vcpu_run, ucall)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from . import cpu
+from .cpu import IMAGE_GPA, STACK_SIZE, Mode, PageAllocator
+from .exits import Exit
+from .guest import GuestImage
+from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
+from .runner import ExitHandlers, Runner, _print_to_stdout
+from .system import Kvm
+from .ucall import Ucall
+from .uapi import VmType
+
+DEFAULT_MEM_SIZE = 4 << 20
+
+
+class Machine:
+    """One VM with slot 0 at GPA 0 (image, page tables, stacks) and ``vcpus`` vCPUs."""
+
+    def __init__(
+        self,
+        *,
+        mem_size: int = DEFAULT_MEM_SIZE,
+        vcpus: int = 1,
+        backing: Backing | str = Backing.SHARED,
+        vm_type: VmType | int = VmType.DEFAULT,
+        hugepages: HugePages | str = HugePages.NONE,
+        handlers: ExitHandlers | None = None,
+        output: Callable[[int, str], None] = _print_to_stdout,
+        kvm: Kvm | None = None,
+    ) -> None:
+        self._owns_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.vcpus = []
+        try:
+            self.vm = self.kvm.create_vm(vm_type)
+            self.memory = GuestMemory(self.vm)
+            self.memory.add(0, mem_size, backing, hugepages=hugepages)
+            self.vcpus = [self.vm.create_vcpu(i) for i in range(vcpus)]
+        except BaseException:
+            self.close()
+            raise
+        self.handlers = handlers or ExitHandlers()
+        self.runners = [Runner(v, self.memory, self.handlers, output) for v in self.vcpus]
+        self.allocator: PageAllocator | None = None
+        self.page_tables: cpu.PageTables | None = None
+        self.mode: Mode | None = None
+
+    def add_memory(self, gpa: int, size: int, backing: Backing | str = Backing.SHARED, **kw: object) -> Region:
+        """Add a memslot (vm_userspace_mem_region_add); identity-mapped if the guest is loaded."""
+        region = self.memory.add(gpa, size, backing, **kw)  # type: ignore[arg-type]
+        if self.page_tables is not None:
+            self.page_tables.map(gpa, size)
+            self.page_tables.write()
+        return region
+
+    def load(
+        self, image: GuestImage | bytes, mode: Mode | str | None = None, arg: int = 0, page_size: int = HUGE_PAGE_SIZE
+    ) -> None:
+        """Copy the image to IMAGE_GPA and put every vCPU at its entry in ``mode`` (default: the
+        image's), with rdi=vCPU id, rsi=#vCPUs, rdx=first free GPA, rcx=arg, r8=end of slot 0."""
+        data = image.binary if isinstance(image, GuestImage) else image
+        mode = Mode(mode or (image.mode if isinstance(image, GuestImage) else Mode.LONG))
+        if isinstance(image, GuestImage) and image.source is not None:
+            for r in self.runners:
+                r.source_dirs.append(str(image.source.parent))
+        self.memory.write(IMAGE_GPA, data)
+        slot0_end = self.memory.region_at(0).end
+        self.mode = mode
+        if mode is Mode.REAL:
+            for v in self.vcpus:
+                top = cpu.REAL_STACK_TOP - v.id * cpu.REAL_STACK_SIZE
+                cpu.enter_real_mode(v, IMAGE_GPA, top, (v.id, len(self.vcpus), cpu.IMAGE_END, arg, slot0_end))
+            return
+        self.allocator = PageAllocator(self.memory)
+        self.page_tables = cpu.setup_long_mode_tables(
+            self.memory, self.allocator, page_size, [(r.gpa, r.size) for r in self.memory.regions]
+        )
+        stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
+        free = self.allocator.next
+        for v, top in zip(self.vcpus, stacks):
+            v.set_cpuid2(self.kvm.supported_cpuid)
+            cpu.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end))
+
+    def run(self, vcpu: int = 0, timeout: float | None = None) -> Ucall | Exit:
+        """Run one vCPU to its next SYNC/DONE ucall or HLT (vcpu_run + get_ucall)."""
+        return self.runners[vcpu].run(timeout)
+
+    def run_all(self, timeout: float | None = None, on_sync: Callable[[Ucall], None] | None = None) -> list[Ucall | Exit]:
+        """Run every vCPU on its own thread to DONE or HLT; re-raises the first failure."""
+        results: list[Ucall | Exit | None] = [None] * len(self.runners)
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                results[i] = self.runners[i].run_until_done(timeout, on_sync)
+            except BaseException as e:  # reported below, other vCPUs stopped
+                errors.append(e)
+                for r in self.runners:
+                    if r is not self.runners[i]:
+                        r.timed_out = True
+                        r.vcpu.kick()
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"vcpu{i}") for i in range(1, len(self.runners))]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if errors:
+            first = next((e for e in errors if not _is_kicked(e)), errors[0])
+            raise first
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Close vCPUs, memory, the VM and (if we opened it) /dev/kvm, in that order."""
+        for v in self.vcpus:
+            v.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self._owns_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_kicked(e: BaseException) -> bool:
+    from .runner import GuestTimeout
+
+    return isinstance(e, GuestTimeout)
+
+
+__all__ = ["Machine", "DEFAULT_MEM_SIZE", "PAGE_SIZE"]

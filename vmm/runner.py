@@ -1,0 +1,209 @@
+"""The run loop: enters a vCPU until a ucall the test wants, dispatching every other exit to a
+handler, and stopping with a clear error on guest asserts, unexpected exits and timeouts."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Callable
+
+from .errors import GuestError
+from .exits import Exit, HypercallExit, IoExit, MemoryFaultExit, MmioExit
+from .report import vcpu_state
+from .ucall import DEBUGCON_PORT, UCALL_PORT, UCALL_SIZE, Ucall, UcallCmd, decode
+from .uapi import KVM_EXIT_IO_OUT, ExitReason
+
+if TYPE_CHECKING:
+    from .memory import GuestMemory
+    from .vcpu import Vcpu
+
+
+class GuestAssertion(GuestError):
+    """A GUEST_ASSERT failed (or GUEST_FAIL ran) in the guest."""
+
+    def __init__(self, vcpu_id: int, file: str, line: int, expr: str, a: int, b: int, source_line: str) -> None:
+        self.vcpu_id, self.file, self.line, self.expr, self.a, self.b = vcpu_id, file, line, expr, a, b
+        shown = f"\n    {source_line.strip()}" if source_line else ""
+        values = f": {a:#x} != {b:#x}" if "==" in expr else ""
+        super().__init__(f"vCPU {vcpu_id}: {file}:{line}: guest assertion failed: {expr}{values}{shown}")
+
+
+class UnexpectedExit(GuestError):
+    """An exit no handler took; the message carries the exit and the vCPU state."""
+
+    def __init__(self, vcpu_id: int, exit: Exit, state: str) -> None:
+        self.exit = exit
+        super().__init__(f"vCPU {vcpu_id}: unexpected {exit}\n{state}")
+
+
+class GuestTimeout(GuestError):
+    """The guest did not reach a ucall within the allowed time."""
+
+
+class ExitHandlers:
+    """Exits the run loop does not decide itself; return True to re-enter the guest. The private
+    memory layer overrides ``on_memory_fault`` and ``on_hypercall``."""
+
+    def on_io(self, vcpu: "Vcpu", exit: IoExit) -> bool:
+        return False
+
+    def on_mmio(self, vcpu: "Vcpu", exit: MmioExit) -> bool:
+        return False
+
+    def on_hypercall(self, vcpu: "Vcpu", exit: HypercallExit) -> bool:
+        return False
+
+    def on_memory_fault(self, vcpu: "Vcpu", exit: MemoryFaultExit) -> bool:
+        return False
+
+
+class _Watchdog:
+    """One daemon thread that kicks vCPUs whose deadline passed (cheaper than a timer per run)."""
+
+    PERIOD = 0.02
+
+    def __init__(self) -> None:
+        self.runners: "weakref.WeakSet[Runner]" = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, runner: "Runner") -> None:
+        with self.lock:
+            self.runners.add(runner)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="vmm-watchdog", daemon=True)
+                self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.PERIOD)
+            now = time.monotonic()
+            with self.lock:
+                runners = list(self.runners)
+            for r in runners:
+                if r.deadline is not None and now >= r.deadline and not r.timed_out:
+                    r.timed_out = True
+                    r.vcpu.kick()
+
+
+_watchdog = _Watchdog()
+
+
+def _print_to_stdout(vcpu_id: int, text: str) -> None:
+    print(text, flush=True)
+
+
+class Runner:
+    """Runs one vCPU; ``run()`` returns at the next SYNC or DONE ucall or at HLT."""
+
+    def __init__(
+        self,
+        vcpu: "Vcpu",
+        memory: "GuestMemory",
+        handlers: ExitHandlers | None = None,
+        output: Callable[[int, str], None] = _print_to_stdout,
+    ) -> None:
+        self.vcpu = vcpu
+        self.memory = memory
+        self.handlers = handlers or ExitHandlers()
+        self.output = output
+        self.exit_counts = [0] * 64
+        self.deadline: float | None = None
+        self.timed_out = False
+        self._console = bytearray()
+        self.source_dirs: list[str] = []  # where to look up the source line of a failed assert
+
+    def run(self, timeout: float | None = None) -> Ucall | Exit:
+        """Enter the guest until it syncs, finishes or halts; ``timeout`` seconds at most."""
+        vcpu, run_page, counts = self.vcpu, self.vcpu.kvm_run, self.exit_counts
+        vcpu.thread_ident = threading.get_ident()
+        if timeout is not None:
+            self.timed_out = False
+            self.deadline = time.monotonic() + timeout
+            _watchdog.watch(self)
+        try:
+            while True:
+                reason = vcpu.run()
+                counts[reason & 63] += 1
+                if reason == ExitReason.IO:
+                    io = run_page.io
+                    if io.port == UCALL_PORT and io.direction == KVM_EXIT_IO_OUT and io.size == 4:
+                        off = io.data_offset
+                        addr = int.from_bytes(vcpu.run_bytes[off : off + 4], "little")
+                        uc = decode(self.memory.view(addr, UCALL_SIZE), vcpu.id)
+                        if uc.cmd == UcallCmd.SYNC or uc.cmd == UcallCmd.DONE:
+                            return uc
+                        self._ucall(uc)
+                    elif io.port == DEBUGCON_PORT and io.direction == KVM_EXIT_IO_OUT:
+                        self._debugcon(vcpu.exit(reason).data)
+                    elif not self.handlers.on_io(vcpu, vcpu.exit(reason)):
+                        raise self.unexpected(reason)
+                elif reason == ExitReason.INTR:
+                    run_page.immediate_exit = 0
+                    if self.timed_out:
+                        raise GuestTimeout(
+                            f"vCPU {vcpu.id}: no ucall within {timeout} s (guest still running)\n"
+                            + vcpu_state(vcpu, self.memory)
+                        )
+                elif reason == ExitReason.HLT:
+                    return vcpu.exit(reason)
+                elif reason == ExitReason.MEMORY_FAULT:
+                    if not self.handlers.on_memory_fault(vcpu, vcpu.exit(reason)):
+                        raise self.unexpected(reason)
+                elif reason == ExitReason.HYPERCALL:
+                    if not self.handlers.on_hypercall(vcpu, vcpu.exit(reason)):
+                        raise self.unexpected(reason)
+                elif reason == ExitReason.MMIO:
+                    if not self.handlers.on_mmio(vcpu, vcpu.exit(reason)):
+                        raise self.unexpected(reason)
+                else:
+                    raise self.unexpected(reason)
+        finally:
+            self.deadline = None
+
+    def unexpected(self, reason: int) -> UnexpectedExit:
+        """The error for an exit nobody handled, with registers and code at RIP."""
+        return UnexpectedExit(self.vcpu.id, self.vcpu.exit(reason), vcpu_state(self.vcpu, self.memory))
+
+    def _ucall(self, uc: Ucall) -> None:
+        if uc.cmd == UcallCmd.PRINT:
+            self.output(uc.vcpu_id, bytes(self.memory.view(uc.args[0], uc.args[1])).decode(errors="replace"))
+        elif uc.cmd == UcallCmd.ABORT:
+            file = self.memory.read_string(uc.args[0])
+            expr = self.memory.read_string(uc.args[2])
+            line = _source_line(self.source_dirs, file, uc.args[1])
+            raise GuestAssertion(uc.vcpu_id, file, uc.args[1], expr, uc.args[3], uc.args[4], line)
+        else:
+            raise self.unexpected(ExitReason.IO)
+
+    def _debugcon(self, data: bytes) -> None:
+        self._console += data
+        while b"\n" in self._console:
+            line, _, rest = bytes(self._console).partition(b"\n")
+            self._console = bytearray(rest)
+            self.output(self.vcpu.id, line.decode(errors="replace"))
+
+    def run_until_done(self, timeout: float | None = None, on_sync: Callable[[Ucall], None] | None = None) -> Ucall | Exit:
+        """Run through SYNCs (passed to ``on_sync``) until DONE or HLT."""
+        while True:
+            result = self.run(timeout)
+            if isinstance(result, Ucall) and result.cmd == UcallCmd.SYNC:
+                if on_sync:
+                    on_sync(result)
+                continue
+            return result
+
+
+def _source_line(dirs: list[str], file: str, line: int) -> str:
+    """The text of ``file``:``line`` when the guest source is found in one of ``dirs``."""
+    for base in dirs:
+        try:
+            with open(os.path.join(base, file), errors="replace") as f:
+                for i, text in enumerate(f, 1):
+                    if i == line:
+                        return text
+        except OSError:
+            continue
+    return ""
