@@ -116,7 +116,11 @@ class Machine:
             t.join()
         if errors:
             first = next((e for e in errors if not _is_kicked(e)), errors[0])
-            raise first
+            errors.clear()  # no cycle exception -> traceback -> this frame -> errors: vCPU maps must unmap
+            try:
+                raise first
+            finally:
+                first = None  # type: ignore[assignment]
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

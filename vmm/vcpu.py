@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import gc
 import fcntl
 import mmap
 import signal
@@ -112,5 +112,9 @@ class Vcpu(KvmFd):
         if getattr(self, "kvm_run", None) is not None:
             self.kvm_run = None  # type: ignore[assignment]  # drop the buffer exports before unmapping
             self.run_bytes.release()
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # a traceback still holds a view of kvm_run: collect it, then unmap
+                gc.collect()
+                self._map.close()
         super().close()

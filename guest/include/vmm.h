@@ -116,6 +116,6 @@
 #define VMM_STR(...)                #__VA_ARGS__
 #define GUEST_FAIL(why)             ucall_abort __FILE__, __LINE__, why; ucall_stop
 #define GUEST_ASSERT_EQ(a, b)       ucall_assert_eq a, b, __LINE__, __FILE__, VMM_STR(a == b)
-#define GUEST_HYPERCALL             vmcall
+#define GUEST_HYPERCALL             vmmcall
 
 #endif

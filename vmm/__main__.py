@@ -1,0 +1,5 @@
+"""`python -m vmm` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""The `vmm` command: doctor, boot, selftest, nested, bench. User mistakes end in one line on
+stderr and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from .errors import VmmError
+
+# exit codes of `vmm boot` (the guest's verdict)
+EXIT_PASSED, EXIT_ASSERT, EXIT_USAGE, EXIT_UNEXPECTED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+_SIZE = re.compile(r"^(0x[0-9a-f]+|\d+)\s*([kmgt]?)(i?b)?$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'4M', '2MiB', '65536', '0x10000' -> bytes; page alignment is checked by the caller."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise VmmError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix")
+    value = int(m.group(1), 0)
+    return value << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"vmm: {message}", err=True)
+    sys.exit(code)
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """vmm: a Python VMM harness over /dev/kvm for testing guest_memfd private memory."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """Report KVM capabilities (on /dev/kvm and per VM type) and which selftests will run."""
+    from .doctor import render, report
+    from .system import Kvm
+
+    with Kvm() as kvm:
+        r = report(kvm)
+    click.echo(json.dumps(r, indent=2) if as_json else render(r))
+
+
+@cli.command()
+@click.argument("guest_spec", metavar="GUEST", default="hello")
+@click.option("--mem", "mem", default="4M", show_default=True, help="Guest memory (slot 0), e.g. 4M, 64M.")
+@click.option("--vcpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default: the guest's header).")
+@click.option("--backing", type=click.Choice(["shared", "guest_memfd", "guest_memfd-only", "auto"]), default="auto",
+              show_default=True, help="auto: guest_memfd-only when the host can mmap guest_memfd, else guest_memfd.")
+@click.option("--mode", type=click.Choice(["real", "long"]), default=None, help="CPU mode (default: the guest's header).")
+@click.option("--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables.")
+@click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds before the guest is stopped.")
+def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str | None, page_size: str,
+         arg: str, timeout: float) -> None:
+    """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
+    from . import guest
+    from .machine import Machine
+    from .memory import PAGE_SIZE
+    from .runner import GuestAssertion, GuestTimeout, UnexpectedExit
+    from .system import Kvm
+    from .ucall import Ucall, UcallCmd
+    from .uapi import Cap, ExitReason, GmemFlag
+
+    size = parse_size(mem)
+    if size % PAGE_SIZE:
+        fail(f"--mem {mem} is not a multiple of the page size ({PAGE_SIZE})")
+    if size > _host_memory():
+        fail(f"--mem {mem} is larger than this host's memory ({_human(_host_memory())})")
+    try:
+        user_arg = int(arg, 0)
+    except ValueError:
+        fail(f"--arg {arg!r} is not a number")
+    image = guest.load(guest_spec)
+    with Kvm() as kvm:
+        if backing == "auto":
+            with kvm.create_vm() as probe:
+                mmap_ok = probe.check_extension(Cap.GUEST_MEMFD_FLAGS) & GmemFlag.MMAP
+            backing = "guest_memfd-only" if mmap_ok else "guest_memfd"
+        n = vcpus or image.vcpus
+
+        def show(vcpu_id: int, text: str) -> None:
+            click.echo(f"guest[{vcpu_id}]: {text}" if n > 1 else f"guest: {text}")
+
+        syncs: list[Ucall] = []
+        click.echo(f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
+                   f"{n} vCPU{'s' if n > 1 else ''}, {_human(size)} {backing})")
+        with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show) as m:
+            m.load(image, mode=mode, arg=user_arg, page_size=(4 << 10) if page_size == "4k" else (2 << 20))
+            start = time.monotonic()
+            code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
+            try:
+                results = m.run_all(timeout, on_sync=syncs.append)
+                if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
+                    code, verdict = EXIT_UNEXPECTED, "halted without GUEST_DONE"
+            except GuestAssertion as e:
+                code, verdict = EXIT_ASSERT, f"FAILED: {e}"
+            except GuestTimeout as e:
+                code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
+            except UnexpectedExit as e:
+                code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
+            elapsed = time.monotonic() - start
+            click.echo(f"--- {image.name}: {verdict}")
+            counts = [sum(col) for col in zip(*(r.exit_counts for r in m.runners))]
+            exits = ", ".join(f"{_reason(i)} {c}" for i, c in enumerate(counts) if c)
+            click.echo(f"    time      {elapsed * 1000:.1f} ms, exits: {exits or 'none'}")
+            for s in syncs:
+                click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
+            region = m.memory.region_at(0)
+            click.echo(f"    memory    shared backing {_human(region.shared_allocated())} allocated, "
+                       f"guest_memfd {_human(region.private_allocated())} resident")
+    sys.exit(code)
+
+
+def _reason(i: int) -> str:
+    from .uapi import ExitReason
+
+    try:
+        return ExitReason(i).name
+    except ValueError:
+        return str(i)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def selftest(pytest_args: tuple[str, ...]) -> None:
+    """Run the selftests on this host (arguments go to pytest)."""
+    root = Path(__file__).resolve().parent.parent
+    tests = root / "selftests"
+    if not tests.is_dir():
+        fail(f"selftests not found at {tests} (run from a checkout)")
+    cmd = [sys.executable, "-m", "pytest", str(tests), *pytest_args]
+    sys.exit(subprocess.call(cmd, cwd=root))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--kernel", default=None, help="bzImage to boot (default: $VMM_TEST_KERNEL, cached build, ../shared/kernels).")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
+@click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds for the whole nested run.")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def nested(kernel: str | None, accel: str, timeout: float, pytest_args: tuple[str, ...]) -> None:
+    """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests inside."""
+    from .nested import main_nested
+
+    sys.exit(main_nested(kernel, accel, timeout, list(pytest_args)))
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: print figures and write JSON; compare against a reference measured in the same run."""
+
+
+@bench.command("exits")
+@click.option("--exits", "n", type=click.IntRange(1), default=200_000, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--json", "json_path", default=None, help="Write the figures to this file.")
+def bench_exits(n: int, repeats: int, json_path: str | None) -> None:
+    """PIO ucall round trip: vmm's run loop against a minimal C KVM_RUN loop."""
+    from .bench import main as bench_main
+
+    args = ["--exits", str(n), "--repeats", str(repeats)] + (["--json", json_path] if json_path else [])
+    sys.exit(bench_main(args))
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning VmmError into a one-line message."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except VmmError as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except BrokenPipeError:  # `vmm boot | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
