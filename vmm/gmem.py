@@ -51,6 +51,9 @@ class GuestMemfd(KvmFd):
 
     def close(self) -> None:
         if self.map is not None:
-            self.map.close()
+            try:
+                self.map.close()
+            except BufferError:  # still viewed (a region's memoryview): unmapped when that dies
+                pass
             self.map = None
         super().close()

@@ -102,9 +102,14 @@ class Region:
         self.gmem.punch_hole(self.gmem_offset + offset, length)
 
     def close(self) -> None:
-        self.view.release()
-        if self.shared is not None:
-            self.shared.close()
+        """Close the fds now; a mapping someone still views is unmapped when the last view dies."""
+        try:
+            self.view.release()
+            if self.shared is not None:
+                self.shared.close()
+        except BufferError:
+            pass
+        self.shared = None
         if self.memfd >= 0:
             os.close(self.memfd)
             self.memfd = -1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import gc
 import fcntl
 import mmap
 import signal
@@ -64,6 +64,15 @@ class Vcpu(KvmFd):
         """The last exit as a typed value (decoded from kvm_run now)."""
         return decode(self.kvm_run, self.kvm_run.exit_reason if reason is None else reason, self.run_bytes)
 
+    def set_pio_data(self, data: bytes) -> None:
+        """Answer a port IN exit: the bytes the guest's IN instruction receives."""
+        off = self.kvm_run.io.data_offset
+        self.run_bytes[off : off + len(data)] = data
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """Answer an MMIO read exit: the bytes the guest's load receives (at most 8)."""
+        ctypes.memmove(ctypes.addressof(self.kvm_run.mmio.data), data, min(len(data), 8))
+
     def kick(self) -> None:
         """Make a running KVM_RUN return soon (immediate_exit + signal), from any thread."""
         self.kvm_run.immediate_exit = 1
@@ -109,12 +118,14 @@ class Vcpu(KvmFd):
                     raise
 
     def close(self) -> None:
+        """Close the fd now; the kvm_run mapping goes with it unless a caller still holds a view of
+        it (e.g. a traceback's frame), in which case it is unmapped when the last view dies."""
         if getattr(self, "kvm_run", None) is not None:
-            self.kvm_run = None  # type: ignore[assignment]  # drop the buffer exports before unmapping
+            self.kvm_run = None  # type: ignore[assignment]
             self.run_bytes.release()
             try:
                 self._map.close()
-            except BufferError:  # a traceback still holds a view of kvm_run: collect it, then unmap
-                gc.collect()
-                self._map.close()
+            except BufferError:
+                pass
+            self._map = None  # type: ignore[assignment]
         super().close()
