@@ -37,3 +37,13 @@ def resident_bytes(addr: int, length: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return bytes(vec).translate(_LOW_BIT).count(1) * PAGE_SIZE
+
+
+def meminfo(field: str) -> int:
+    """A /proc/meminfo field in bytes (e.g. 'Unevictable', where guest_memfd pages are counted)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name == field:
+                return int(rest.split()[0]) * 1024
+    raise KeyError(field)

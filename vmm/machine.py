@@ -7,10 +7,14 @@ import threading
 from typing import Callable
 
 from . import cpu
+from .convert import ConversionPolicy, Converter
 from .cpu import IMAGE_GPA, STACK_SIZE, Mode, PageAllocator
+from .errors import VmmError
 from .exits import Exit
+from .gmem import GuestMemfd
 from .guest import GuestImage
 from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
+from .private import PrivateMemoryHandlers
 from .runner import ExitHandlers, Runner, _print_to_stdout
 from .system import Kvm
 from .ucall import Ucall
@@ -33,7 +37,10 @@ class Machine:
         handlers: ExitHandlers | None = None,
         output: Callable[[int, str], None] = _print_to_stdout,
         kvm: Kvm | None = None,
+        policy: "ConversionPolicy | None" = None,
     ) -> None:
+        """A VM of ``vm_type``; a private-memory type (e.g. KVM_X86_SW_PROTECTED_VM) also gets a
+        Converter (``self.converter``) whose handlers serve memory faults and MAP_GPA_RANGE."""
         self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = None
@@ -47,6 +54,12 @@ class Machine:
         except BaseException:
             self.close()
             raise
+        self.converter: Converter | None = None
+        self._gmems: list[GuestMemfd] = []
+        if handlers is None and vm_type != VmType.DEFAULT:
+            self.converter = Converter(self.vm, self.memory, policy)
+            handlers = PrivateMemoryHandlers(self.converter)
+            PrivateMemoryHandlers.enable(self.vm)
         self.handlers = handlers or ExitHandlers()
         self.runners = [Runner(v, self.memory, self.handlers, output) for v in self.vcpus]
         self.allocator: PageAllocator | None = None
@@ -60,6 +73,17 @@ class Machine:
             self.page_tables.map(gpa, size)
             self.page_tables.write()
         return region
+
+    def add_private_memory(self, gpa: int, size: int, slots: int = 1, **kw: object) -> list[Region]:
+        """One guest_memfd of ``size`` bytes split over ``slots`` memslots (memfd + guest_memfd each),
+        as private_mem_conversions_test lays out its data."""
+        if size % slots or (size // slots) % PAGE_SIZE:
+            raise VmmError(f"{size:#x} bytes do not split into {slots} page-aligned memslots")
+        gmem = self.vm.create_guest_memfd(size, 0)
+        self._gmems.append(gmem)
+        per = size // slots
+        return [self.add_memory(gpa + i * per, per, Backing.GUEST_MEMFD, gmem=gmem, gmem_offset=i * per, **kw)
+                for i in range(slots)]
 
     def load(
         self, image: GuestImage | bytes, mode: Mode | str | None = None, arg: int = 0, page_size: int = HUGE_PAGE_SIZE
@@ -129,6 +153,8 @@ class Machine:
             v.close()
         if self.memory is not None:
             self.memory.close()
+        for gmem in getattr(self, "_gmems", []):
+            gmem.close()
         if self.vm is not None:
             self.vm.close()
         if self._owns_kvm:

@@ -11,7 +11,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from . import libc
 from .errors import VmmError
@@ -229,6 +229,15 @@ class GuestMemory:
             raise VmmError(f"memslot {r.slot} has no host mapping")
         off = gpa - r.gpa
         return r.view[off : off + length]
+
+    def views(self, gpa: int, length: int) -> Iterator[tuple[int, memoryview]]:
+        """(gpa, view) pieces covering [gpa, gpa+length) across adjacent memslots."""
+        end = gpa + length
+        while gpa < end:
+            r = self.region_at(gpa)
+            n = min(end, r.end) - gpa
+            yield gpa, self.view(gpa, n)
+            gpa += n
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy guest memory out."""

@@ -13,6 +13,7 @@
  *
  *   GUEST_SYNC(stage)               host test gets Ucall(SYNC, (stage, ...))
  *   GUEST_SYNC2(stage, value)       ... with a value
+ *   GUEST_SYNC_ARGS($stage, v1..v5) ... with up to five values (operands, so $ on immediates)
  *   GUEST_PRINT("text")             text goes to the host's output
  *   GUEST_ASSERT_EQ(a, b)           if a != b: ABORT with file, line, "a == b", a and b
  *   GUEST_FAIL("why")               unconditional ABORT
@@ -111,6 +112,7 @@
 
 #define GUEST_SYNC(stage)           ucall UCALL_SYNC, $(stage)
 #define GUEST_SYNC2(stage, value)   ucall UCALL_SYNC, $(stage), value
+#define GUEST_SYNC_ARGS(...)        ucall UCALL_SYNC, __VA_ARGS__
 #define GUEST_PRINT(text)           ucall_print text
 #define GUEST_DONE()                ucall UCALL_DONE
 #define VMM_STR(...)                #__VA_ARGS__

@@ -1,0 +1,171 @@
+"""Private<->shared conversions as a production VMM does them: set the attributes, then discard the
+side no longer used (PUNCH_HOLE), so a page is never held twice. A policy picks the granularity:
+exact 4K pages, or 2M-aligned ranges that keep huge pages whole."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Iterator
+
+from . import libc
+from .attributes import AttributeMap
+from .errors import VmmError
+from .memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory, Region
+from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+class Granularity(str, Enum):
+    """Conversion unit."""
+
+    EXACT = "4k"  # any page-aligned range
+    HUGE = "2m"  # 2M-aligned ranges only (refused, or widened when the caller asks)
+
+
+class ConversionError(VmmError):
+    """A conversion request that cannot be honoured (alignment, range, attributes)."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass
+class ConversionPolicy:
+    """How conversions are done: granularity, widening, and discard (off only to show the double)."""
+
+    granularity: Granularity = Granularity.EXACT
+    widen: bool = False
+    discard: bool = True
+    preallocate: bool = False  # fallocate the guest_memfd range when it turns private
+
+    @property
+    def unit(self) -> int:
+        return HUGE_PAGE_SIZE if self.granularity is Granularity.HUGE else PAGE_SIZE
+
+
+@dataclass
+class ConversionStats:
+    """Counters for reports and benchmarks."""
+
+    conversions: int = 0
+    bytes_to_private: int = 0
+    bytes_to_shared: int = 0
+    discards: int = 0
+    history: list[tuple[int, int, bool]] = field(default_factory=list)  # (gpa, size, to_private), when kept
+    keep_history: bool = False
+
+
+class Converter:
+    """Owns the attribute map of one VM and performs conversions on its guest memory."""
+
+    def __init__(self, vm: "Vm", memory: GuestMemory, policy: ConversionPolicy | None = None) -> None:
+        self.vm = vm
+        self.memory = memory
+        self.policy = policy or ConversionPolicy()
+        self.attributes = AttributeMap()
+        self.stats = ConversionStats()
+        self.supported = vm.supported_memory_attributes()
+        self._unevictable_base = libc.meminfo("Unevictable")
+
+    # --- validation -------------------------------------------------------------------------
+
+    def align(self, gpa: int, size: int, policy: ConversionPolicy | None = None) -> tuple[int, int]:
+        """Apply the policy's granularity: the range to convert, or ConversionError."""
+        policy = policy or self.policy
+        if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise ConversionError(f"conversion [{gpa:#x}, +{size:#x}) is not 4K-aligned and non-empty")
+        unit = policy.unit
+        if gpa % unit or size % unit:
+            if not policy.widen:
+                raise ConversionError(
+                    f"conversion [{gpa:#x}, +{size:#x}) is not {unit >> 20}M-aligned (2M policy; "
+                    "ask for widening to convert the enclosing huge pages)"
+                )
+            start, end = gpa - gpa % unit, -(-(gpa + size) // unit) * unit
+            gpa, size = start, end - start
+        return gpa, size
+
+    def regions(self, gpa: int, size: int, need_gmem: bool) -> Iterator[tuple[Region, int, int]]:
+        """(region, offset, length) covering [gpa, gpa+size) exactly, or ConversionError on a gap."""
+        addr, end = gpa, gpa + size
+        while addr < end:
+            try:
+                r = self.memory.region_at(addr)
+            except VmmError:
+                raise ConversionError(f"[{gpa:#x}, {end:#x}) is not all guest memory: nothing at {addr:#x}") from None
+            if need_gmem and r.gmem is None:
+                raise ConversionError(f"[{gpa:#x}, {end:#x}): memslot {r.slot} at {r.gpa:#x} has no guest_memfd")
+            length = min(end, r.end) - addr
+            yield r, addr - r.gpa, length
+            addr += length
+
+    # --- the conversion --------------------------------------------------------------------
+
+    def convert(self, gpa: int, size: int, to_private: bool, policy: ConversionPolicy | None = None) -> tuple[int, int]:
+        """Make [gpa, gpa+size) private or shared, then discard the unused side. Returns the range
+        actually converted (wider than asked under a widening 2M policy). ``policy`` overrides the
+        converter's for this call."""
+        policy = policy or self.policy
+        if not self.supported & KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            raise ConversionError("this VM does not support KVM_MEMORY_ATTRIBUTE_PRIVATE (needs KVM_X86_SW_PROTECTED_VM)")
+        gpa, size = self.align(gpa, size, policy)
+        pieces = list(self.regions(gpa, size, need_gmem=True))
+        attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0
+        self.vm.set_memory_attributes(gpa, size, attrs)
+        self.attributes.set(gpa, gpa + size, attrs)
+        for region, offset, length in pieces:
+            if to_private and policy.preallocate:
+                region.gmem.allocate(region.gmem_offset + offset, length)  # type: ignore[union-attr]
+            if policy.discard:
+                self.stats.discards += 1
+                if to_private:
+                    if region.memfd >= 0:
+                        region.discard_shared(offset, length)
+                else:
+                    region.discard_private(offset, length)
+        s = self.stats
+        s.conversions += 1
+        if to_private:
+            s.bytes_to_private += size
+        else:
+            s.bytes_to_shared += size
+        if s.keep_history:
+            s.history.append((gpa, size, to_private))
+        return gpa, size
+
+    def punch(self, gpa: int, size: int) -> None:
+        """Discard private pages of [gpa, gpa+size) without changing attributes (they read back as 0)."""
+        for region, offset, length in self.regions(gpa, size, need_gmem=True):
+            region.discard_private(offset, length)
+
+    def is_private(self, gpa: int, size: int = PAGE_SIZE) -> bool | None:
+        """True/False when [gpa, gpa+size) is all private/shared in our map, None when mixed."""
+        value = self.attributes.uniform(gpa, gpa + size)
+        return None if value is None else bool(value & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    # --- accounting ------------------------------------------------------------------------
+
+    def shared_allocated(self) -> int:
+        """Bytes held by the shared (memfd) backings, from st_blocks."""
+        return sum(r.shared_allocated() or 0 for r in self.memory.regions)
+
+    def private_allocated(self) -> int:
+        """Bytes held by the guest_memfds: mincore when they are mmap-able, else the growth of
+        /proc/meminfo Unevictable since this converter was made (guest_memfd pages are unevictable;
+        system-wide, so meant for a quiet test machine such as the nested kernel)."""
+        gmems = {id(r.gmem): r for r in self.memory.regions if r.gmem is not None}
+        if gmems and all(r.gmem.map is not None for r in gmems.values()):  # type: ignore[union-attr]
+            return sum(r.gmem.allocated_bytes() or 0 for r in gmems.values())  # type: ignore[union-attr]
+        return max(0, libc.meminfo("Unevictable") - self._unevictable_base)
+
+    def map_state(self, gpa: int, around: int = 4 * PAGE_SIZE) -> str:
+        """The attribute ranges near ``gpa``, for error messages."""
+        start = max(0, gpa - around)
+        parts = [f"[{s:#x}, {e:#x}) {'private' if v & KVM_MEMORY_ATTRIBUTE_PRIVATE else 'shared'}"
+                 for s, e, v in self.attributes.ranges(start, gpa + around)]
+        return "; ".join(parts)

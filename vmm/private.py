@@ -1,0 +1,99 @@
+"""Exit handlers for private memory: KVM_EXIT_MEMORY_FAULT (implicit conversion, QEMU's
+kvm_convert_memory semantics) and KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE) (explicit conversion)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .convert import ConversionError, ConversionPolicy, Converter
+from .errors import GuestError
+from .exits import HypercallExit, MemoryFaultExit
+from .memory import PAGE_SIZE
+from .runner import ExitHandlers
+from .uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, Cap
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+
+MAX_REPEATS = 3  # the same fault this many times in a row without progress is a bug, not a race
+
+
+class MemoryFaultError(GuestError):
+    """A memory fault the VMM cannot resolve; shows the exit and the attribute map around it."""
+
+
+@dataclass
+class PrivateExitCounts:
+    memory_faults: int = 0
+    stale_faults: int = 0
+    hypercalls: int = 0
+    rejected_hypercalls: int = 0
+
+
+class PrivateMemoryHandlers(ExitHandlers):
+    """Converts on the guest's behalf; one instance serves every vCPU of the VM."""
+
+    def __init__(self, converter: Converter) -> None:
+        self.converter = converter
+        self.counts = PrivateExitCounts()
+        self.lock = threading.Lock()  # conversions from several vCPU threads are serialised
+        self._last_fault: dict[int, tuple[MemoryFaultExit, int]] = {}
+        self.policy_for: dict[int, ConversionPolicy] = {}  # per-vCPU overrides of the converter's policy
+
+    @staticmethod
+    def enable(vm: "object") -> None:
+        """Ask KVM to forward KVM_HC_MAP_GPA_RANGE to userspace (KVM_CAP_EXIT_HYPERCALL bit 12)."""
+        vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)  # type: ignore[attr-defined]
+
+    def on_memory_fault(self, vcpu: "Vcpu", exit: MemoryFaultExit) -> bool:
+        conv = self.converter
+        with self.lock:
+            self.counts.memory_faults += 1
+            want = exit.private
+            if conv.is_private(exit.gpa, exit.size) is want:
+                # our map already says what the guest wants: a conversion raced this access and KVM
+                # re-checked the attributes before we finished; just re-enter
+                self.counts.stale_faults += 1
+                return self._progress(vcpu, exit)
+            try:
+                conv.convert(exit.gpa, exit.size, want, self.policy_for.get(vcpu.id))
+            except ConversionError as e:
+                raise MemoryFaultError(f"vCPU {vcpu.id}: cannot resolve {exit}: {e}\n  map: "
+                                       f"{conv.map_state(exit.gpa)}") from None
+            self._last_fault.pop(vcpu.id, None)
+            return True
+
+    def _progress(self, vcpu: "Vcpu", exit: MemoryFaultExit) -> bool:
+        last, n = self._last_fault.get(vcpu.id, (None, 0))
+        n = n + 1 if last == exit else 1
+        self._last_fault[vcpu.id] = (exit, n)
+        if n >= MAX_REPEATS:
+            raise MemoryFaultError(
+                f"vCPU {vcpu.id}: {exit} repeats {n} times without progress although the map agrees\n"
+                f"  map: {self.converter.map_state(exit.gpa)}"
+            )
+        return True
+
+    def on_hypercall(self, vcpu: "Vcpu", exit: HypercallExit) -> bool:
+        if exit.nr != KVM_HC_MAP_GPA_RANGE:
+            return False
+        gpa, npages, attrs = exit.args[0], exit.args[1], exit.args[2]
+        with self.lock:
+            self.counts.hypercalls += 1
+            try:
+                if npages == 0 or npages > (1 << 52) // PAGE_SIZE:
+                    raise ConversionError(f"bad page count {npages}")
+                to_private = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+                self.converter.convert(gpa, npages * PAGE_SIZE, to_private, self.policy_for.get(vcpu.id))
+                ret = 0
+            except ConversionError as e:
+                self.counts.rejected_hypercalls += 1
+                ret = -e.errno
+            except OSError as e:  # KVM refused the attributes: tell the guest, keep the VM
+                self.counts.rejected_hypercalls += 1
+                ret = -(e.errno or errno.EINVAL)
+        vcpu.kvm_run.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        return True
