@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Iterator
 
 import pytest
 
-from vmm import guest
+from vmm import doctor, guest
 from vmm.machine import Machine
 from vmm.system import Kvm
-from vmm.uapi import Cap, GmemFlag, VmType
+from vmm.uapi import Cap, GmemFlag
 from vmm.vm import Vm
 
 REQUIRE_PRIVATE_MEM = os.environ.get("VMM_REQUIRE_PRIVATE_MEM") == "1"
+
+# --ktap FILE (vmm/ktap.py). A pip-installed vmm loads it through its pytest11 entry point, and
+# pluggy refuses to register one module twice, so name it here only when that is not the case.
+if not importlib.metadata.entry_points(group="pytest11", name="vmm_ktap"):
+    pytest_plugins = ["vmm.ktap"]
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +51,9 @@ def require_gmem_flags(vm: Vm, flags: int) -> None:
 
 def require_private_mem(kvm: Kvm) -> None:
     """Skip unless KVM offers KVM_X86_SW_PROTECTED_VM; fail instead inside the nested runner."""
-    if VmType.SW_PROTECTED in kvm.vm_types():
+    if doctor.private_memory(kvm):
         return
-    reason = "KVM_X86_SW_PROTECTED_VM in KVM_CAP_VM_TYPES"
+    reason = doctor.PRIVATE_MEM_REASON
     if REQUIRE_PRIVATE_MEM:
         pytest.fail(f"VMM_REQUIRE_PRIVATE_MEM=1 but the kernel lacks {reason}")
     pytest.skip(f"needs {reason}")
