@@ -77,8 +77,12 @@ def doctor(as_json: bool) -> None:
 @click.option("--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables.")
 @click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds before the guest is stopped.")
+@click.option("--vm-type", type=click.Choice(["default", "sw_protected"]), default=None,
+              help="KVM VM type (default: the guest's header); sw_protected adds private-capable memory.")
+@click.option("--private-mem", default="8M", show_default=True,
+              help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.")
 def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str | None, page_size: str,
-         arg: str, timeout: float) -> None:
+         arg: str, timeout: float, vm_type: str | None, private_mem: str) -> None:
     """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
     from . import guest
     from .machine import Machine
@@ -86,7 +90,8 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
     from .runner import GuestAssertion, GuestTimeout, UnexpectedExit
     from .system import Kvm
     from .ucall import Ucall, UcallCmd
-    from .uapi import Cap, ExitReason, GmemFlag
+    from .doctor import PRIVATE_MEM_REASON, private_memory
+    from .uapi import Cap, GmemFlag, VmType
 
     size = parse_size(mem)
     if size % PAGE_SIZE:
@@ -98,7 +103,14 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
     except ValueError:
         fail(f"--arg {arg!r} is not a number")
     image = guest.load(guest_spec)
+    private = (vm_type or image.vm_type) == "sw_protected"
+    private_size = parse_size(private_mem)
+    if private_size % (2 << 20) or not private_size:
+        fail(f"--private-mem {private_mem} is not a positive multiple of 2M")
     with Kvm() as kvm:
+        if private and not private_memory(kvm):
+            fail(f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
+                 "nested test kernel (`vmm nested`, see README)")
         if backing == "auto":
             with kvm.create_vm() as probe:
                 mmap_ok = probe.check_extension(Cap.GUEST_MEMFD_FLAGS) & GmemFlag.MMAP
@@ -111,12 +123,22 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
         syncs: list[Ucall] = []
         click.echo(f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
                    f"{n} vCPU{'s' if n > 1 else ''}, {_human(size)} {backing})")
-        with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show) as m:
+        vm_kind = VmType.SW_PROTECTED if private else VmType.DEFAULT
+        if private and backing == "guest_memfd-only":
+            backing = "shared"  # slot 0 (code, stacks) stays shared; the data region is private-capable
+        with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
+            if private:
+                m.add_private_memory(PRIVATE_BASE, private_size)
+                if arg == "0":
+                    user_arg = PRIVATE_BASE
+                syncs_hook = lambda uc: (syncs.append(uc), _accounting(m, uc))  # noqa: E731
+            else:
+                syncs_hook = syncs.append
             m.load(image, mode=mode, arg=user_arg, page_size=(4 << 10) if page_size == "4k" else (2 << 20))
             start = time.monotonic()
             code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
             try:
-                results = m.run_all(timeout, on_sync=syncs.append)
+                results = m.run_all(timeout, on_sync=syncs_hook)
                 if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
                     code, verdict = EXIT_UNEXPECTED, "halted without GUEST_DONE"
             except GuestAssertion as e:
@@ -133,9 +155,26 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
             for s in syncs:
                 click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
             region = m.memory.region_at(0)
-            click.echo(f"    memory    shared backing {_human(region.shared_allocated())} allocated, "
+            click.echo(f"    memory    slot 0: shared backing {_human(region.shared_allocated())} allocated, "
                        f"guest_memfd {_human(region.private_allocated())} resident")
+            if m.converter is not None:
+                st = m.converter.stats
+                click.echo(f"    private   {st.conversions} conversions ({_human(st.bytes_to_private)} to private, "
+                           f"{_human(st.bytes_to_shared)} to shared); now shared {_human(m.converter.shared_allocated())}, "
+                           f"private {_human(m.converter.private_allocated())}")
     sys.exit(code)
+
+
+PRIVATE_BASE = 1 << 32
+
+
+def _accounting(m: "object", uc: "object") -> None:
+    """Per-step line for private guests: bytes held by each backing, conversions, exits so far."""
+    conv = m.converter  # type: ignore[attr-defined]
+    counts = [sum(col) for col in zip(*(r.exit_counts for r in m.runners))]  # type: ignore[attr-defined]
+    exits = ", ".join(f"{_reason(i)} {c}" for i, c in enumerate(counts) if c)
+    click.echo(f"    step {uc.stage}: shared {_human(conv.shared_allocated())}, private "  # type: ignore[attr-defined]
+               f"{_human(conv.private_allocated())}, conversions {conv.stats.conversions}, exits: {exits}")
 
 
 def _reason(i: int) -> str:

@@ -37,6 +37,7 @@ class GuestImage:
     vcpus: int = 1
     source: Path | None = None
     description: str = ""
+    vm_type: str = "default"  # or "sw_protected": needs private memory
 
 
 def bundled() -> dict[str, Path]:
@@ -113,7 +114,10 @@ def _image(name: str, data: bytes, header: dict[str, str], source: Path | None) 
         vcpus = int(header.get("vcpus", "1"))
     except ValueError as e:
         raise VmmError(f"guest {name}: bad vmm-guest header: {e}") from None
-    return GuestImage(name, data, mode, vcpus, source, header.get("description", ""))
+    vm_type = header.get("vm", "default")
+    if vm_type not in ("default", "sw_protected"):
+        raise VmmError(f"guest {name}: bad vmm-guest header: vm={vm_type}")
+    return GuestImage(name, data, mode, vcpus, source, header.get("description", ""), vm_type)
 
 
 def load(spec: str, build_dir: Path | None = None) -> GuestImage:

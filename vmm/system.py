@@ -12,7 +12,7 @@ from .errors import VmmError
 from .fd import KvmFd
 from .uapi import Cap, VmType
 
-KVM_DEVICE = "/dev/kvm"
+KVM_DEVICE = "/dev/kvm"  # $VMM_KVM_DEVICE overrides it
 
 
 class Kvm(KvmFd):
@@ -20,7 +20,8 @@ class Kvm(KvmFd):
 
     kind = "/dev/kvm"
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or os.environ.get("VMM_KVM_DEVICE") or KVM_DEVICE
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
