@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_private_mem
+from conftest import require, require_gmem_flags, require_private_mem
 from vmm.system import Kvm
+from vmm.uapi import Cap, GmemFlag
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,12 +65,12 @@ def test_boot_default_guest() -> None:
 
 @pytest.mark.parametrize("backing", ["shared", "guest_memfd", "guest_memfd-only"])
 def test_boot_backings(backing: str, kvm: Kvm) -> None:
-    """Each backing boots hello (guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP)."""
-    if backing == "guest_memfd-only":
-        from conftest import require_gmem_flags
-        from vmm.uapi import GmemFlag
-
-        with kvm.create_vm() as vm:
+    """Each backing boots hello on a default VM (guest_memfd needs KVM_CAP_GUEST_MEMFD there, as on
+    6.18; guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP|INIT_SHARED)."""
+    with kvm.create_vm() as vm:
+        if backing != "shared":
+            require(vm.check_extension(Cap.GUEST_MEMFD) > 0, "KVM_CAP_GUEST_MEMFD on a default VM")
+        if backing == "guest_memfd-only":
             require_gmem_flags(vm, GmemFlag.MMAP | GmemFlag.INIT_SHARED)
     proc = vmm("boot", "hello", "--backing", backing, "--mem", "8M")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -111,10 +111,18 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
         if private and not private_memory(kvm):
             fail(f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
                  "nested test kernel (`vmm nested`, see README)")
+        vm_private = private  # the VM type; `private` alone means the guest wants a private data region
         if backing == "auto":
-            with kvm.create_vm() as probe:
-                mmap_ok = probe.check_extension(Cap.GUEST_MEMFD_FLAGS) & GmemFlag.MMAP
-            backing = "guest_memfd-only" if mmap_ok else "guest_memfd"
+            backing, vm_private = _auto_backing(kvm, private)
+        elif backing != "shared":
+            vm_type_name = "sw_protected" if private else "default"
+            with kvm.create_vm(VmType.SW_PROTECTED if private else VmType.DEFAULT) as probe:
+                if not probe.check_extension(Cap.GUEST_MEMFD):
+                    fail(f"--backing {backing} needs KVM_CAP_GUEST_MEMFD on a {vm_type_name} VM"
+                         + ("" if private else "; try --vm-type sw_protected"))
+                flags = probe.check_extension(Cap.GUEST_MEMFD_FLAGS)
+            if backing == "guest_memfd-only" and flags & (GmemFlag.MMAP | GmemFlag.INIT_SHARED) != GmemFlag.MMAP | GmemFlag.INIT_SHARED:
+                fail("--backing guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP|INIT_SHARED in KVM_CAP_GUEST_MEMFD_FLAGS")
         n = vcpus or image.vcpus
 
         def show(vcpu_id: int, text: str) -> None:
@@ -122,10 +130,9 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
 
         syncs: list[Ucall] = []
         click.echo(f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
-                   f"{n} vCPU{'s' if n > 1 else ''}, {_human(size)} {backing})")
-        vm_kind = VmType.SW_PROTECTED if private else VmType.DEFAULT
-        if private and backing == "guest_memfd-only":
-            backing = "shared"  # slot 0 (code, stacks) stays shared; the data region is private-capable
+                   f"{n} vCPU{'s' if n > 1 else ''}, {_human(size)} {backing}"
+                   f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})")
+        vm_kind = VmType.SW_PROTECTED if vm_private else VmType.DEFAULT
         with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
             if private:
                 m.add_private_memory(PRIVATE_BASE, private_size)
@@ -166,6 +173,23 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
 
 
 PRIVATE_BASE = 1 << 32
+
+
+def _auto_backing(kvm: "object", private: bool) -> tuple[str, bool]:
+    """The most guest_memfd-backed slot 0 this host offers: a mmap'd guest_memfd alone (6.18), else
+    memfd + guest_memfd on a default VM, else on a KVM_X86_SW_PROTECTED_VM (6.12), else shared."""
+    from .doctor import private_memory
+    from .uapi import Cap, GmemFlag, VmType
+
+    both = GmemFlag.MMAP | GmemFlag.INIT_SHARED
+    with kvm.create_vm(VmType.SW_PROTECTED if private else VmType.DEFAULT) as probe:  # type: ignore[attr-defined]
+        if not private and probe.check_extension(Cap.GUEST_MEMFD_FLAGS) & both == both:
+            return "guest_memfd-only", private
+        if probe.check_extension(Cap.GUEST_MEMFD):
+            return "guest_memfd", private
+    if private_memory(kvm):  # type: ignore[arg-type]
+        return "guest_memfd", True
+    return "shared", private
 
 
 def _accounting(m: "object", uc: "object") -> None:
