@@ -16,8 +16,8 @@ guest memory: one exit per call and no extra ioctl. Layout, all little-endian u6
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 UCALL_PORT = 0x1000
 DEBUGCON_PORT = 0xE9  # one byte per OUT: raw console for guests too small for ucalls
@@ -34,9 +34,8 @@ class UcallCmd(IntEnum):
     DONE = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Ucall:
-    """One decoded guest->host call."""
+class Ucall(NamedTuple):
+    """One decoded guest->host call (a tuple: cheap to build once per exit)."""
 
     cmd: int
     args: tuple[int, ...]
@@ -48,8 +47,10 @@ class Ucall:
         return self.args[0]
 
 
-def decode(block: bytes, vcpu_id: int = 0) -> Ucall:
-    """Decode a ucall block read from guest memory."""
-    cmd, *args = _UCALL.unpack_from(block)
-    return Ucall(cmd, tuple(args), vcpu_id)
+_new = tuple.__new__
 
+
+def decode(block: memoryview | bytes, vcpu_id: int = 0, offset: int = 0) -> Ucall:
+    """Decode a ucall block read from guest memory (at ``offset`` in ``block``)."""
+    values = _UCALL.unpack_from(block, offset)
+    return _new(Ucall, (values[0], values[1:], vcpu_id))
