@@ -65,6 +65,7 @@ class Machine:
         self.allocator: PageAllocator | None = None
         self.page_tables: cpu.PageTables | None = None
         self.mode: Mode | None = None
+        self.free_gpa = 0  # first GPA of slot 0 the VMM did not use (rdx at entry)
 
     def add_memory(self, gpa: int, size: int, backing: Backing | str = Backing.SHARED, **kw: object) -> Region:
         """Add a memslot (vm_userspace_mem_region_add); identity-mapped if the guest is loaded."""
@@ -108,7 +109,7 @@ class Machine:
             self.memory, self.allocator, page_size, [(r.gpa, r.size) for r in self.memory.regions]
         )
         stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
-        free = self.allocator.next
+        free = self.free_gpa = self.allocator.next
         for v, top in zip(self.vcpus, stacks):
             v.set_cpuid2(self.kvm.supported_cpuid)
             cpu.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end))
