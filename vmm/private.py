@@ -9,16 +9,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .convert import ConversionError, ConversionPolicy, Converter
-from .errors import GuestError
+from .errors import GuestError, VmmError
 from .exits import HypercallExit, MemoryFaultExit
 from .memory import PAGE_SIZE
 from .runner import ExitHandlers
-from .uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, Cap
+from .uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, Cap, VmType
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
 
-MAX_REPEATS = 3  # the same fault this many times in a row without progress is a bug, not a race
+MAX_REPEATS = 3  # the same fault this many times with no conversion in between is a bug, not a race
 
 
 class MemoryFaultError(GuestError):
@@ -40,7 +40,12 @@ class PrivateMemoryHandlers(ExitHandlers):
         self.converter = converter
         self.counts = PrivateExitCounts()
         self.lock = threading.Lock()  # conversions from several vCPU threads are serialised
-        self._last_fault: dict[int, tuple[MemoryFaultExit, int]] = {}
+        self._last_fault: dict[int, tuple[MemoryFaultExit, int, int]] = {}  # (fault, repeats, conversions then)
+        # KVM_X86_SW_PROTECTED_VM: KVM takes private-vs-shared from the attributes alone, so a fault's
+        # flags are the attributes when the access began, never a request: if ours differ now, a
+        # conversion raced the access and converting "back" would undo it; if they agree, no
+        # conversion can help. Either way: re-enter, and stop when it repeats without progress.
+        self.attributes_decide = converter.vm.type == VmType.SW_PROTECTED
         self.policy_for: dict[int, ConversionPolicy] = {}  # per-vCPU overrides of the converter's policy
 
     @staticmethod
@@ -53,9 +58,9 @@ class PrivateMemoryHandlers(ExitHandlers):
         with self.lock:
             self.counts.memory_faults += 1
             want = exit.private
-            if conv.is_private(exit.gpa, exit.size) is want:
-                # our map already says what the guest wants: a conversion raced this access and KVM
-                # re-checked the attributes before we finished; just re-enter
+            if conv.is_private(exit.gpa, exit.size) is want or self.attributes_decide:
+                # our map already says what the guest wants (or the attributes alone decide): a
+                # conversion raced this access and KVM re-checked the attributes; just re-enter
                 self.counts.stale_faults += 1
                 return self._progress(vcpu, exit)
             try:
@@ -67,15 +72,23 @@ class PrivateMemoryHandlers(ExitHandlers):
             return True
 
     def _progress(self, vcpu: "Vcpu", exit: MemoryFaultExit) -> bool:
-        last, n = self._last_fault.get(vcpu.id, (None, 0))
-        n = n + 1 if last == exit else 1
-        self._last_fault[vcpu.id] = (exit, n)
+        last, n, then = self._last_fault.get(vcpu.id, (None, 0, -1))
+        now = self.converter.stats.conversions
+        n = n + 1 if last == exit and then == now else 1  # a conversion in between: a new race
+        self._last_fault[vcpu.id] = (exit, n, now)
         if n >= MAX_REPEATS:
             raise MemoryFaultError(
-                f"vCPU {vcpu.id}: {exit} repeats {n} times without progress although the map agrees\n"
-                f"  map: {self.converter.map_state(exit.gpa)}"
+                f"vCPU {vcpu.id}: {exit} repeats {n} times with no conversion in between "
+                f"({self._memslot(exit.gpa)})\n  map: {self.converter.map_state(exit.gpa)}"
             )
         return True
+
+    def _memslot(self, gpa: int) -> str:
+        try:
+            r = self.converter.memory.region_at(gpa)
+        except VmmError:
+            return "no memslot there"
+        return f"memslot {r.slot} at {r.gpa:#x}, {'with' if r.gmem is not None else 'without'} guest_memfd"
 
     def on_hypercall(self, vcpu: "Vcpu", exit: HypercallExit) -> bool:
         if exit.nr != KVM_HC_MAP_GPA_RANGE:
