@@ -9,6 +9,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmm.attributes import AttributeMap
 from vmm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+import pytest
+
+pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
 
 PAGE = 4096
 PAGES = 64  # the model covers this many pages; the map covers all 2**64 bytes

@@ -13,6 +13,8 @@ pytest_plugins = ["pytester"]
 DEMO = """
 import pytest
 
+pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
+
 @pytest.fixture
 def broken():
     raise OSError("no /dev/kvm")

@@ -18,6 +18,8 @@ import pytest
 
 from vmm import uapi
 
+pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDES = ("stdio.h", "stddef.h", "linux/kvm.h", "linux/kvm_para.h")
 

@@ -226,12 +226,24 @@ def selftest(pytest_args: tuple[str, ...]) -> None:
 @click.option("--kernel", default=None, help="bzImage to boot (default: $VMM_TEST_KERNEL, cached build, ../shared/kernels).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds for the whole nested run.")
+@click.option("--command", "command", default=None, metavar="SHELL_COMMAND",
+              help="Run this shell command inside (in the checkout, venv first on PATH) instead of pytest.")
+@click.option("--results", default=None, metavar="DIR", help="Results folder, emptied first [default: results/nested].")
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
-def nested(kernel: str | None, accel: str, timeout: float, pytest_args: tuple[str, ...]) -> None:
-    """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests inside."""
+def nested(kernel: str | None, accel: str, timeout: float, command: str | None, results: str | None,
+           pytest_args: tuple[str, ...]) -> None:
+    """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests (or a command) inside."""
     from .nested import main_nested
 
-    sys.exit(main_nested(kernel, accel, timeout, list(pytest_args)))
+    if command is not None and pytest_args:
+        fail("--command replaces pytest: give pytest arguments or --command, not both")
+    if command is None and not pytest_args:
+        pytest_args = NESTED_DEFAULT_ARGS
+    sys.exit(main_nested(kernel, accel, timeout, list(pytest_args), command=command, results=results))
+
+
+# tests that never touch /dev/kvm give the same answer inside: the nested run leaves them to the host
+NESTED_DEFAULT_ARGS = ("-m", "not no_kvm")
 
 
 @cli.group()
@@ -249,6 +261,30 @@ def bench_exits(n: int, repeats: int, json_path: str | None) -> None:
 
     args = ["--exits", str(n), "--repeats", str(repeats)] + (["--json", json_path] if json_path else [])
     sys.exit(bench_main(args))
+
+
+@bench.command("conversions")
+@click.option("--size", default="1G", show_default=True, help="Guest-driven sweep size (multiple of 2M).")
+@click.option("--size-4k", default=None,
+              help="Smaller size for the 4K sweep only; its exits are scaled to --size (labelled).")
+@click.option("--peak-size", default="256M", show_default=True, help="Populated region of the peak-allocation sweeps.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Runs of the C test and of our port.")
+@click.option("--sweep-repeats", type=click.IntRange(1), default=1, show_default=True, help="Runs of each sweep.")
+@click.option("--c-test", default=None, metavar="PATH",
+              help="C private_mem_conversions_test [default: ~/.cache/vmm/kselftests/private_mem_conversions_test].")
+@click.option("--skip", multiple=True, type=click.Choice(["sweeps", "peak", "compare"]), help="Leave a part out.")
+@click.option("--json", "json_path", default=None, help="Write the figures to this file.")
+@click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
+def bench_conversions(size: str, size_4k: str | None, peak_size: str, repeats: int, sweep_repeats: int,
+                      c_test: str | None, skip: tuple[str, ...], json_path: str | None, check: bool) -> None:
+    """Conversions/s and exits per MiB at 4K and 2M, peak allocation, C test vs our port (needs private memory)."""
+    from .bench_conversions import main as bench_main
+
+    args = ["--size", size, "--peak-size", peak_size, "--repeats", str(repeats), "--sweep-repeats", str(sweep_repeats)]
+    args += (["--size-4k", size_4k] if size_4k else []) + (["--c-test", c_test] if c_test else [])
+    args += [a for part in skip for a in ("--skip", part)] + (["--json", json_path] if json_path else [])
+    sys.exit(bench_main(args + (["--check"] if check else [])))
 
 
 def main() -> None:
