@@ -3,13 +3,13 @@ page-by-page model, driven by a hypothesis state machine; and its cost for a lar
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vmm.attributes import AttributeMap
 from vmm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
-import pytest
 
 pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
 

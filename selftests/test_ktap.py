@@ -9,11 +9,10 @@ import pytest
 import vmm.ktap  # noqa: F401  (imported up front so the inner runs find it whatever the cwd)
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
 
 DEMO = """
 import pytest
-
-pytestmark = pytest.mark.no_kvm  # pure host-side logic: not run again inside the nested kernel
 
 @pytest.fixture
 def broken():

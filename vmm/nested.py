@@ -255,8 +255,6 @@ def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequen
         "mount -t devpts devpts /dev/pts",
         "mount -t tmpfs -o mode=1777 tmpfs /tmp || fail 'mount /tmp'",
         "mount -t tmpfs -o mode=755 tmpfs /run || fail 'mount /run'",
-        # the anchor VMs pin KVM's static keys (see ANCHOR_PY); started early, waited for below
-        f"( {q(str(python))} -S -c {q(ANCHOR_PY)} || echo 'vmm-nested: warning: no anchor VM'; : > {ANCHOR_READY} ) &",
         "mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null",
         "mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null",
         f"mkdir -p {q(str(checkout))} 2>/dev/null",
@@ -267,6 +265,9 @@ def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequen
                   f"mount -t 9p -o {opts} results {q(str(results))} || fail 'mount results'"]
     run = command if command is not None else shlex.join([str(python), "-m", "pytest", *pytest_args])
     lines += [
+        # the anchor VMs pin KVM's static keys (see ANCHOR_PY); started once the checkout (and so the
+        # venv's python, which may live under the guest's fresh /tmp) is mounted, waited for below
+        f"( {q(str(python))} -S -c {q(ANCHOR_PY)} || echo 'vmm-nested: warning: no anchor VM'; : > {ANCHOR_READY} ) &",
         f"cd {q(str(checkout))} || fail 'cd checkout'",
         f"i=0; while [ ! -e {ANCHOR_READY} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
         "echo \"vmm-nested: $(uname -r), $(nproc) CPUs, /dev/kvm: $(ls /dev/kvm 2>&1)\"",
