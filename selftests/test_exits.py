@@ -72,12 +72,13 @@ def test_unhandled_mmio_reports_state(kvm: Kvm) -> None:
 
 
 def test_shutdown_on_triple_fault(kvm: Kvm) -> None:
-    """ud2 with no IDT escalates to a triple fault: KVM_EXIT_SHUTDOWN, reported with the ud2 bytes."""
+    """ud2 with no IDT escalates to a triple fault: KVM_EXIT_SHUTDOWN, reported with the vCPU state.
+    (Where RIP points then differs by vendor: VMX keeps the faulting state, SVM resets the vCPU.)"""
     with exits_machine(kvm, SHUTDOWN) as m:
         with pytest.raises(UnexpectedExit) as failure:
             m.run(timeout=5)
     assert failure.value.exit.reason == ExitReason.SHUTDOWN
-    assert "0f 0b" in str(failure.value)  # ud2 at RIP
+    assert "KVM_EXIT_SHUTDOWN" in str(failure.value) and "rip=" in str(failure.value)
 
 
 def test_internal_error_on_fetch_from_mmio(kvm: Kvm) -> None:
