@@ -44,7 +44,8 @@ class GuestMemfd(KvmFd):
         return self.map
 
     def allocated_bytes(self) -> int | None:
-        """Bytes backed by pages, from mincore on our mapping; None when the file cannot be mapped."""
+        """Bytes of pages faulted in or written (mincore on our mapping: fallocate'd pages that were
+        never touched are not up to date and do not count); None when the file cannot be mapped."""
         if self.map is None:
             return None
         return libc.resident_bytes(libc.address_of(self.map), self.size)

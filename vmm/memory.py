@@ -87,7 +87,7 @@ class Region:
         return None
 
     def private_allocated(self) -> int | None:
-        """Bytes allocated in the guest_memfd range of this region (mincore; None if unmappable)."""
+        """Bytes touched in the guest_memfd range of this region (mincore; None if unmappable)."""
         if self.gmem is None or self.gmem.map is None:
             return None
         return libc.resident_bytes(libc.address_of(self.gmem.map) + self.gmem_offset, self.size)
