@@ -61,13 +61,13 @@ def test_vcpus_on_threads(kvm: Kvm) -> None:
     """Four vCPUs run concurrently on their own threads; each counts in its own cache line."""
     with boot("smp", kvm, vcpus=4) as m:
         seen: list[int] = []
-        threads_seen: set[int] = set()
+        threads_seen: set[str] = set()  # names, not idents: an ident is reused once a thread ends
         lock = threading.Lock()
 
         def on_sync(uc: Ucall) -> None:
             with lock:
                 seen.append(uc.args[1])
-                threads_seen.add(threading.get_ident())
+                threads_seen.add(threading.current_thread().name)
 
         results = m.run_all(timeout=30, on_sync=on_sync)
         for r in results:
