@@ -95,7 +95,7 @@ def test_fragment_options_are_in_the_prebuilt_config() -> None:
 
 def test_choose_accel_explicit() -> None:
     """tcg and kvm map to fixed QEMU arguments; anything else is a VmmError."""
-    assert nested.choose_accel("tcg")[:2] == (["-accel", "tcg,thread=multi"], ["-cpu", "max"])
+    assert nested.choose_accel("tcg")[:2] == (["-accel", "tcg,thread=single"], ["-cpu", "max"])
     assert nested.choose_accel("kvm")[:2] == (["-accel", "kvm"], ["-cpu", "host"])
     with pytest.raises(VmmError, match="unknown accelerator"):
         nested.choose_accel("hvf")
