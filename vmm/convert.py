@@ -5,7 +5,7 @@ exact 4K pages, or 2M-aligned ranges that keep huge pages whole."""
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Iterator
 
@@ -55,9 +55,6 @@ class ConversionStats:
     conversions: int = 0
     bytes_to_private: int = 0
     bytes_to_shared: int = 0
-    discards: int = 0
-    history: list[tuple[int, int, bool]] = field(default_factory=list)  # (gpa, size, to_private), when kept
-    keep_history: bool = False
 
 
 class Converter:
@@ -122,7 +119,6 @@ class Converter:
             if to_private and policy.preallocate:
                 region.gmem.allocate(region.gmem_offset + offset, length)  # type: ignore[union-attr]
             if policy.discard:
-                self.stats.discards += 1
                 if to_private:
                     if region.memfd >= 0:
                         region.discard_shared(offset, length)
@@ -134,8 +130,6 @@ class Converter:
             s.bytes_to_private += size
         else:
             s.bytes_to_shared += size
-        if s.keep_history:
-            s.history.append((gpa, size, to_private))
         return gpa, size
 
     def punch(self, gpa: int, size: int) -> None:
