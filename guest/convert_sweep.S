@@ -1,6 +1,6 @@
 /* vmm-guest: mode=long vcpus=1 vm=sw_protected description="conversion benchmark: converts [rcx, +size) to private then back to shared in unit steps with MAP_GPA_RANGE (size, unit: two u64 the host writes at rdx)" */
 /*
- * The guest side of `vmm bench conversions` (vmm/bench_conversions.py).
+ * The guest side of `vmm bench conversions` (vmm/tools/bench/conversions.py).
  *
  * rcx = base GPA of a private-capable region (memfd + guest_memfd);
  * rdx = first free GPA in slot 0, where the host wrote two u64: size, then unit (both multiples

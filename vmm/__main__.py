@@ -1,5 +1,5 @@
 """`python -m vmm` runs the CLI."""
 
-from .cli import main
+from vmm.tools.cli import main
 
 main()

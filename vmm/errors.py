@@ -1,9 +1,23 @@
-"""Exception types: one for failed ioctls, one for user-facing errors."""
+"""Every exception vmm raises, in one tree.
+
+VmmError            a user mistake or unmet requirement: str() is one line for the CLI
+├── KvmError        an ioctl or syscall on a KVM fd failed (also an OSError, errno set)
+├── ConversionError a private<->shared conversion that cannot be honoured
+└── GuestError      the guest stopped in a way the test did not expect
+    ├── GuestAssertion    GUEST_ASSERT/GUEST_FAIL in the guest
+    ├── UnexpectedExit    an exit no handler took
+    ├── GuestTimeout      the run did not finish in time
+    └── MemoryFaultError  a KVM_EXIT_MEMORY_FAULT the VMM cannot resolve
+"""
 
 from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmm.kvm.exits import Exit
 
 
 class VmmError(Exception):
@@ -13,18 +27,57 @@ class VmmError(Exception):
 class KvmError(VmmError, OSError):
     """A KVM ioctl (or a syscall on a KVM fd) failed: names the call, errno and decoded arguments."""
 
-    def __init__(self, call: str, err: int, args: str = "", fd_kind: str = "") -> None:
+    def __init__(self, call: str, err: int, args: str = "", fd_kind: str = "", note: str = "") -> None:
         self.call = call
         self.errno_name = _errno.errorcode.get(err, f"E{err}")
         self.arguments = args
         self.fd_kind = fd_kind
+        self.note = note  # e.g. "KVM killed the VM": what a probe after the failure found
         OSError.__init__(self, err, os.strerror(err))
 
     def __str__(self) -> str:
         where = f" on {self.fd_kind} fd" if self.fd_kind else ""
         args = f"({self.arguments})" if self.arguments else ""
-        return f"{self.call}{args}{where} failed: {self.errno_name} ({self.errno}): {self.strerror}"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.call}{args}{where} failed: {self.errno_name} ({self.errno}): {self.strerror}{note}"
+
+
+class ConversionError(VmmError):
+    """A conversion request that cannot be honoured (alignment, range, attributes); ``errno`` is
+    what a MAP_GPA_RANGE hypercall returns to the guest for it."""
+
+    def __init__(self, message: str, err: int = _errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class GuestError(VmmError):
     """The guest stopped in a way the test did not expect (assert, shutdown, timeout, bad exit)."""
+
+
+class GuestAssertion(GuestError):
+    """A GUEST_ASSERT failed (or GUEST_FAIL ran) in the guest."""
+
+    def __init__(self, vcpu_id: int, file: str, line: int, expr: str, a: int, b: int, source_line: str) -> None:
+        self.vcpu_id, self.file, self.line, self.expr, self.a, self.b = vcpu_id, file, line, expr, a, b
+        shown = f"\n    {source_line.strip()}" if source_line else ""
+        values = f": {a:#x} != {b:#x}" if "==" in expr else ""
+        super().__init__(f"vCPU {vcpu_id}: {file}:{line}: guest assertion failed: {expr}{values}{shown}")
+
+
+class UnexpectedExit(GuestError):
+    """An exit no handler took; the message carries the exit and the vCPU state."""
+
+    def __init__(self, vcpu_id: int, exit: Exit, state: str, why: str = "") -> None:
+        self.exit = exit
+        self.vcpu_id = vcpu_id
+        what = why or f"unexpected {exit}"
+        super().__init__(f"vCPU {vcpu_id}: {what}\n{state}")
+
+
+class GuestTimeout(GuestError):
+    """The guest did not finish within the allowed time."""
+
+
+class MemoryFaultError(GuestError):
+    """A memory fault the VMM cannot resolve; shows the exit and the attribute map around it."""

@@ -6,7 +6,7 @@
  *   r8 = end of slot 0. Real mode: the same in edi/esi/edx/ecx, segments 0, stack below 0x7000.
  *   Long mode: 4-level identity page tables over every memslot, flat 64-bit CS, 16 KiB stack.
  *
- * ucalls (vmm/ucall.py): a 56-byte block {cmd, args[6]} (u64 each) is built on the stack and its
+ * ucalls (vmm/guest/ucall.py): a 56-byte block {cmd, args[6]} (u64 each) is built on the stack and its
  * address is written with `out %eax, $UCALL_PORT`. Every macro preserves all registers and flags
  * except where it says so. Operands are AT&T: registers (%rax / %eax in real mode), $immediates,
  * or memory; not %rsp-relative.
@@ -25,8 +25,17 @@
 #ifndef VMM_H
 #define VMM_H
 
+/* The guest ABI's addresses and ports: vmm/guest/layout.py holds the same values, and
+ * selftests/harness/test_guest_layout.py checks that the two agree. */
 #define UCALL_PORT      0x1000
 #define DEBUGCON_PORT   0xe9
+#define UCALL_SIZE      56
+#define IMAGE_GPA       0x8000
+#define IMAGE_END       0x100000
+#define REAL_STACK_TOP  0x7000
+#define REAL_STACK_SIZE 0x400
+#define STACK_SIZE      0x4000
+#define DATA_GPA        0x100000000
 #define UCALL_SYNC      1
 #define UCALL_ABORT     2
 #define UCALL_PRINT     3
@@ -51,7 +60,7 @@
     movzwl %sp, %eax
     movw $UCALL_PORT, %dx
     outl %eax, %dx
-    addw $56, %sp
+    addw $UCALL_SIZE, %sp
     popl %edx
     popl %eax
     popfl
@@ -72,7 +81,7 @@
     movq %rsp, %rax
     movw $UCALL_PORT, %dx
     outl %eax, %dx
-    addq $56, %rsp
+    addq $UCALL_SIZE, %rsp
     popq %rdx
     popq %rax
     popfq

@@ -51,4 +51,4 @@ def test_anchor_vm_is_held() -> None:
 @pytest.mark.skipif(os.environ.get("VMM_SMOKE_FAIL") != "1", reason="set VMM_SMOKE_FAIL=1 to see a failure")
 def test_deliberate_failure() -> None:
     """Fails on purpose when VMM_SMOKE_FAIL=1, so the runner's tests-failed verdict can be checked."""
-    assert False, "deliberate failure (VMM_SMOKE_FAIL=1)"
+    pytest.fail("deliberate failure (VMM_SMOKE_FAIL=1)")

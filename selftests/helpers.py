@@ -1,0 +1,36 @@
+"""Helpers the selftests share: the kernel selftests' TEST_ASSERT_EQ(get_ucall(vcpu, NULL), UCALL_*)
+and TEST_ASSERT(r == -1 && errno == E...), and set_memory_region_test's constants."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+import pytest
+
+from vmm import Ucall, UcallCmd
+
+# set_memory_region_test.c: a 2 MiB region (one large page) at 3 GiB in slot 10
+MEM_REGION_SIZE = 0x200000
+MEM_REGION_GPA = 0xC0000000
+MEM_REGION_SLOT = 10
+NO_GUEST_MEMFD = 0xFFFFFFFF  # the kernel test's guest_memfd = -1 when deleting a slot
+
+
+def expect_sync(result: object, stage: int | None = None) -> Ucall:
+    """``result`` is a SYNC ucall (of ``stage`` when given); returns it for its arguments."""
+    ok = isinstance(result, Ucall) and result.cmd == UcallCmd.SYNC and (stage is None or result.stage == stage)
+    assert ok, f"expected a SYNC{'' if stage is None else f'({stage})'} ucall, got {result}"
+    return result  # type: ignore[return-value]
+
+
+def expect_done(result: object) -> None:
+    """``result`` is the DONE ucall: the guest passed."""
+    assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"expected DONE, got {result}"
+
+
+def expect_errno(err: int, call: Callable[[], object], why: str = "") -> None:
+    """``call`` must fail with ``err`` (the kernel's TEST_ASSERT(r == -1 && errno == err, why))."""
+    with pytest.raises(OSError) as e:
+        call()
+    assert e.value.errno == err, f"{why}: expected {errno.errorcode[err]}, got {e.value}"

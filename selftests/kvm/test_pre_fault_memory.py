@@ -1,0 +1,217 @@
+"""Port of tools/testing/selftests/kvm/pre_fault_memory_test.c (6.12): KVM_PRE_FAULT_MEMORY.
+
+A 2M+4K memslot sits near the top of the guest physical address space (the kernel test's
+placement, vm_compute_max_gfn()). The host pre-faults its first 2M (all done), its last page plus
+one page past the slot (one page done, then ENOENT: no memslot there), and one page past the slot
+(nothing done, ENOENT). Each KVM_PRE_FAULT_MEMORY call must shrink the range exactly when it
+succeeds. Then the guest (guest/pre_fault_memory.S) reads every page and checks what it finds.
+Variants as in the kernel's main(): default VM; KVM_X86_SW_PROTECTED_VM with shared memory; the
+same with the range private (guest_memfd slot, private attributes).
+
+Beyond the kernel test: overlapping and repeated ranges, argument validation (EINVAL), a private
+range whose memslot has no guest_memfd (EFAULT), that pre-faulting a private range allocates its
+guest_memfd pages, and that the guest's stores land where the host expects them."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from vmm import (
+    HUGE_PAGE_SIZE,
+    PAGE_SIZE,
+    Backing,
+    Cap,
+    ExitHandlers,
+    Kvm,
+    Machine,
+    Ucall,
+    UcallCmd,
+    Vcpu,
+    VmType,
+    load_guest,
+)
+from vmm.kvm import uapi
+from vmm.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from vmm.tools.pytest_plugin import require, require_private_mem
+
+TEST_SIZE = HUGE_PAGE_SIZE + PAGE_SIZE
+TEST_NPAGES = TEST_SIZE // PAGE_SIZE
+TEST_SLOT = 10
+TIMEOUT = 120.0
+IDENTITY_MAP_LIMIT = 1 << 47  # vmm's guests identity-map GPAs, so the VA must stay canonical
+
+VARIANTS = [  # main(): test_pre_fault_memory(0, false), (SW_PROTECTED, false), (SW_PROTECTED, true)
+    pytest.param(VmType.DEFAULT, False, id="default"),
+    pytest.param(VmType.SW_PROTECTED, False, id="sw_protected-shared", marks=pytest.mark.private_mem),
+    pytest.param(VmType.SW_PROTECTED, True, id="sw_protected-private", marks=pytest.mark.private_mem),
+]
+
+
+def cpuid(kvm: Kvm, function: int, index: int = 0) -> uapi.kvm_cpuid_entry2 | None:
+    """An entry of KVM_GET_SUPPORTED_CPUID (what kvm_cpu_property() reads in the selftests)."""
+    buf = kvm.supported_cpuid
+    header = ctypes.sizeof(uapi.kvm_cpuid2)
+    nent = uapi.kvm_cpuid2.from_buffer_copy(buf[:header]).nent
+    entries = (uapi.kvm_cpuid_entry2 * nent).from_buffer_copy(buf[header:])
+    return next((e for e in entries if e.function == function and e.index == index), None)
+
+
+def region_gpa(kvm: Kvm) -> int:
+    """guest_test_phys_mem: (max_gfn - TEST_NPAGES) pages, aligned down to 2M, where max_gfn is
+    the last gfn below guest MAXPHYADDR and below AMD's HyperTransport hole (vm_compute_max_gfn(),
+    with every CPU property read from KVM's supported CPUID); capped for vmm's identity map."""
+    leaf = cpuid(kvm, 0x80000008)
+    pa_bits = leaf.eax & 0xFF if leaf else 36
+    guest_pa_bits = ((leaf.eax >> 16) & 0xFF if leaf else 0) or pa_bits
+    max_gfn = (1 << (guest_pa_bits - 12)) - 1
+    vendor = cpuid(kvm, 0)
+    is_amd = vendor is not None and (vendor.ebx, vendor.edx, vendor.ecx) in (
+        (0x68747541, 0x69746E65, 0x444D4163),  # AuthenticAMD
+        (0x6F677948, 0x6E65476E, 0x656E6975),  # HygonGenuine
+    )
+    if is_amd and pa_bits >= 40:
+        ht_pages = 12 << (30 - 12)  # 12 GiB
+        f1 = cpuid(kvm, 1)
+        family = (f1.eax >> 8) & 0xF if f1 else 0
+        if family == 0xF:
+            family += (f1.eax >> 20) & 0xFF
+        if family < 0x17:
+            ht_gfn = (1 << 28) - ht_pages  # just below 1T
+        else:
+            max_pfn = (1 << (pa_bits - 12)) - 1
+            sme = cpuid(kvm, 0x8000001F)
+            if sme is not None:
+                max_pfn >>= (sme.ebx >> 6) & 0x3F
+            ht_gfn = max_pfn - ht_pages
+        max_gfn = min(max_gfn, ht_gfn - 1)
+    gpa = (max_gfn - TEST_NPAGES) * PAGE_SIZE
+    gpa = min(gpa, IDENTITY_MAP_LIMIT - HUGE_PAGE_SIZE - TEST_SIZE)
+    return gpa - gpa % HUGE_PAGE_SIZE
+
+
+def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int, left: int, expect: int = errno.ENOENT) -> None:
+    """The kernel's pre_fault_memory(): KVM_PRE_FAULT_MEMORY until done or failed (retrying EINTR).
+    Every call must shrink the range if and only if it succeeds; in the end ``left`` bytes remain,
+    and the last call succeeded when nothing is left, else failed with ``expect`` (the kernel:
+    ENOENT, no memslot means RET_PF_EMULATE)."""
+    req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=0)
+    while True:
+        prev = req.size
+        try:
+            vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+            err = 0
+        except OSError as e:
+            err = e.errno or -1
+        assert (req.size < prev) != (err != 0), (
+            f"[{gpa:#x}, +{size:#x}): {'not ' if err else ''}expecting range.size to change on "
+            f"{'failure' if err else 'success'} ({errno.errorcode.get(err, err)}, {prev:#x} -> {req.size:#x})")
+        if not (req.size if err == 0 else err == errno.EINTR):
+            break
+    assert req.size == left, f"[{gpa:#x}, +{size:#x}): completed with {req.size:#x} bytes left, expected {left:#x}"
+    if left == 0:
+        assert err == 0, f"[{gpa:#x}, +{size:#x}): {errno.errorcode.get(err, err)}"
+    else:
+        assert err == expect, f"[{gpa:#x}, +{size:#x}): expected {errno.errorcode[expect]}, got {errno.errorcode.get(err, err)}"
+
+
+def expect_einval(vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> None:
+    """kvm_vcpu_pre_fault_memory()'s argument checks: EINVAL, range untouched."""
+    req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
+    with pytest.raises(OSError) as e:
+        vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+    assert e.value.errno == errno.EINVAL, f"gpa={gpa:#x} size={size:#x} flags={flags:#x}: {e.value}"
+    assert (req.gpa, req.size) == (gpa, size)
+
+
+@contextmanager
+def pre_fault_machine(kvm: Kvm, vm_type: VmType, private: bool, backing: Backing | None = None) -> Iterator[tuple[Machine, int]]:
+    """__test_pre_fault_memory()'s VM: one vCPU, slot 10 of TEST_SIZE at the top of guest physical
+    memory (guest_memfd-bound if ``private``), identity-mapped, guest loaded. Yields it and the GPA."""
+    if vm_type != VmType.DEFAULT:
+        require_private_mem(kvm)
+    handlers = ExitHandlers() if vm_type == VmType.DEFAULT else None
+    with Machine(kvm=kvm, vm_type=vm_type, handlers=handlers) as m:
+        require(m.vm.check_extension(Cap.PRE_FAULT_MEMORY) > 0, "KVM_CAP_PRE_FAULT_MEMORY")
+        gpa = region_gpa(kvm)
+        backing = backing or (Backing.GUEST_MEMFD if private else Backing.SHARED)
+        m.add_memory(gpa, TEST_SIZE, backing, slot=TEST_SLOT)
+        m.load(load_guest("pre_fault_memory"), arg=gpa | int(private))
+        yield m, gpa
+
+
+@pytest.mark.parametrize("vm_type, private", VARIANTS)
+def test_pre_fault_memory(kvm: Kvm, vm_type: VmType, private: bool) -> None:
+    """pre_fault_memory_test.c: __test_pre_fault_memory(vm_type, private). [gpa, +2M) is fully
+    pre-faulted, [gpa+2M, +8K) stops after 4K with ENOENT, [gpa+TEST_SIZE, +4K) does nothing with
+    ENOENT; then the guest reads every page and finds the host's pattern (shared) or zeros
+    (private). Also: for a private range the guest_memfd pages exist after pre-faulting (the
+    Unevictable growth vmm uses to measure guest_memfd), and the guest's stores reach the host's
+    view (shared) or stay out of it (private)."""
+    with pre_fault_machine(kvm, vm_type, private) as (m, gpa):
+        if private:
+            assert m.converter is not None
+            m.converter.convert(gpa, TEST_SIZE, True)  # vm_mem_set_private()
+            allocated = m.converter.private_allocated()
+        else:
+            for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
+                m.memory.write(page, page.to_bytes(8, "little"))
+        vcpu = m.vcpus[0]
+        pre_fault_memory(vcpu, gpa, HUGE_PAGE_SIZE, 0)
+        pre_fault_memory(vcpu, gpa + HUGE_PAGE_SIZE, PAGE_SIZE * 2, PAGE_SIZE)
+        pre_fault_memory(vcpu, gpa + TEST_SIZE, PAGE_SIZE, PAGE_SIZE)
+        if private:
+            # Unevictable moves when a CPU's LRU batch drains, so a few dozen pages may still be
+            # missing here; without the pre-fault nothing at all would have been allocated yet.
+            grown = m.converter.private_allocated() - allocated
+            assert grown >= TEST_SIZE // 2, f"pre-faulting {TEST_SIZE:#x} private bytes allocated only {grown:#x}"
+
+        result = m.run(timeout=TIMEOUT)
+        assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"got {result}"
+        for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
+            seen = int.from_bytes(m.memory.read(page, 8), "little")
+            want = 0 if private else page ^ (1 << 64) - 1
+            assert seen == want, f"host reads {seen:#x} at {page:#x}, expected {want:#x}"
+
+
+@pytest.mark.parametrize("vm_type, private", VARIANTS)
+def test_pre_fault_memory_ranges(kvm: Kvm, vm_type: VmType, private: bool) -> None:
+    """Beyond pre_fault_memory_test.c (same VM): ranges overlapping what is already mapped, or
+    repeating it, succeed again; one crossing the slot's end stops exactly there (ENOENT); one
+    starting in the gap below the slot does nothing (ENOENT); flags, unaligned gpa or size, size 0
+    and a wrapping range are EINVAL and leave the range untouched; then the guest runs as before."""
+    with pre_fault_machine(kvm, vm_type, private) as (m, gpa):
+        if private:
+            assert m.converter is not None
+            m.converter.convert(gpa, TEST_SIZE, True)
+        else:
+            for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
+                m.memory.write(page, page.to_bytes(8, "little"))
+        vcpu = m.vcpus[0]
+        pre_fault_memory(vcpu, gpa + PAGE_SIZE, 4 * PAGE_SIZE, 0)  # part of the first 2M
+        pre_fault_memory(vcpu, gpa, TEST_SIZE, 0)  # all of it, overlapping the above
+        pre_fault_memory(vcpu, gpa, TEST_SIZE, 0)  # again: already mapped is success
+        pre_fault_memory(vcpu, gpa + HUGE_PAGE_SIZE - 2 * PAGE_SIZE, 8 * PAGE_SIZE, 5 * PAGE_SIZE)
+        pre_fault_memory(vcpu, gpa - HUGE_PAGE_SIZE, 2 * HUGE_PAGE_SIZE, 2 * HUGE_PAGE_SIZE)
+        expect_einval(vcpu, gpa, PAGE_SIZE, flags=1)
+        expect_einval(vcpu, gpa + 8, PAGE_SIZE)
+        expect_einval(vcpu, gpa, PAGE_SIZE + 8)
+        expect_einval(vcpu, gpa, 0)
+        expect_einval(vcpu, (1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE)
+        result = m.run(timeout=TIMEOUT)
+        assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"got {result}"
+
+
+@pytest.mark.private_mem
+def test_pre_fault_private_without_guest_memfd(kvm: Kvm) -> None:
+    """Beyond pre_fault_memory_test.c (cf. private_mem_kvm_exits_test's memslot_not_private): on a
+    SW_PROTECTED VM, a private range whose memslot has no guest_memfd cannot be pre-faulted:
+    KVM_PRE_FAULT_MEMORY fails with EFAULT having done nothing (kvm_faultin_pfn_private())."""
+    with pre_fault_machine(kvm, VmType.SW_PROTECTED, False) as (m, gpa):
+        m.vm.set_memory_attributes(gpa, TEST_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        pre_fault_memory(m.vcpus[0], gpa, PAGE_SIZE, PAGE_SIZE, expect=errno.EFAULT)
+        pre_fault_memory(m.vcpus[0], gpa + HUGE_PAGE_SIZE, PAGE_SIZE, PAGE_SIZE, expect=errno.EFAULT)

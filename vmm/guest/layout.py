@@ -1,0 +1,31 @@
+"""Magic addresses and ports of the guest ABI (as Firecracker's arch/x86_64/layout.rs lays out its
+VMs). guest/include/vmm.h and guest/guest.ld repeat the ones a guest needs; the harness test
+test_guest_layout.py preprocesses vmm.h and checks that the two agree."""
+
+from __future__ import annotations
+
+#: Slot 0 starts at GPA 0 and holds everything below; test data goes in slots of its own.
+GDT_GPA = 0x1000
+#: The 64-bit TSS the GDT's TSS descriptor points at.
+TSS_GPA = 0x2000
+#: Real mode: vCPU n's stack ends at REAL_STACK_TOP - n * REAL_STACK_SIZE.
+REAL_STACK_TOP = 0x7000
+#: Real mode: bytes of stack per vCPU.
+REAL_STACK_SIZE = 0x400
+#: Every guest image is linked (guest/guest.ld) and loaded here; execution starts at its first byte.
+IMAGE_GPA = 0x8000
+#: An image must end below this.
+IMAGE_END = 0x100000
+#: Long mode: page tables, then per-vCPU stacks, are allocated upward from here in slot 0.
+SYSTEM_GPA = 0x100000
+#: Long mode: bytes of stack per vCPU.
+STACK_SIZE = 0x4000
+#: Where tests and `vmm boot` put a guest's data region (private_mem_conversions_test's 4 GiB).
+DATA_GPA = 1 << 32
+
+#: A 32-bit OUT of a ucall block's address to this port is one ucall (vmm.guest.ucall).
+UCALL_PORT = 0x1000
+#: Bytes written with OUT to this port are console text (QEMU's debugcon port).
+DEBUGCON_PORT = 0xE9
+#: Size of a ucall block: cmd and six arguments, u64 each.
+UCALL_SIZE = 56

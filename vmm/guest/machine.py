@@ -1,0 +1,167 @@
+"""A ready-to-run test machine: VM + memory + vCPUs + a loaded guest, the vocabulary of the kernel
+selftests' kvm_util (vm_create_with_vcpus, vm_userspace_mem_region_add, vcpu_run, ucall)."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack
+from typing import Callable
+
+from . import x86
+from vmm.memory.convert import ConversionPolicy, Converter
+from .layout import IMAGE_END, IMAGE_GPA, REAL_STACK_SIZE, REAL_STACK_TOP, STACK_SIZE
+from .x86 import Mode, PageAllocator
+from vmm.errors import GuestTimeout, VmmError
+from vmm.kvm.exits import Exit, ExitHandlers
+from vmm.kvm.vcpu import Vcpu
+from vmm.kvm.vm import Vm
+from .image import GuestImage
+from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
+from vmm.memory.faults import PrivateMemoryHandlers
+from .runner import Runner, print_guest_output
+from vmm.kvm.system import Kvm
+from .ucall import Ucall
+from vmm.kvm.uapi import VmType
+
+DEFAULT_MEM_SIZE = 4 << 20
+
+
+class Machine:
+    """One VM with slot 0 at GPA 0 (image, page tables, stacks) and ``vcpus`` vCPUs."""
+
+    def __init__(
+        self,
+        *,
+        mem_size: int = DEFAULT_MEM_SIZE,
+        vcpus: int = 1,
+        backing: Backing | str = Backing.SHARED,
+        vm_type: VmType | int = VmType.DEFAULT,
+        hugepages: HugePages | str = HugePages.NONE,
+        handlers: ExitHandlers | None = None,
+        output: Callable[[int, str], None] = print_guest_output,
+        kvm: Kvm | None = None,
+        policy: "ConversionPolicy | None" = None,
+    ) -> None:
+        """A VM of ``vm_type``; a private-memory type (e.g. KVM_X86_SW_PROTECTED_VM) also gets a
+        Converter (``self.converter``) whose handlers serve memory faults and MAP_GPA_RANGE."""
+        # everything made here is closed by self._stack, in reverse order, also when a later step
+        # of this constructor fails: nothing leaks and close() needs no "was it made?" checks
+        self._stack = ExitStack()
+        try:
+            self.kvm = kvm if kvm is not None else self._stack.enter_context(Kvm())
+            self.vm: Vm = self._stack.enter_context(self.kvm.create_vm(vm_type))
+            self.memory = GuestMemory(self.vm)
+            self._stack.callback(self.memory.close)
+            self.memory.add(0, mem_size, backing, hugepages=hugepages)
+            self.vcpus: list[Vcpu] = []
+            for i in range(vcpus):
+                self.vcpus.append(self._stack.enter_context(self.vm.create_vcpu(i)))
+            self.converter: Converter | None = None
+            if handlers is None and vm_type != VmType.DEFAULT:
+                self.converter = Converter(self.vm, self.memory, policy)
+                handlers = PrivateMemoryHandlers(self.converter)
+                PrivateMemoryHandlers.enable(self.vm)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.handlers = handlers or ExitHandlers()
+        self.runners = [Runner(v, self.memory, self.handlers, output) for v in self.vcpus]
+        self.allocator: PageAllocator | None = None
+        self.page_tables: x86.PageTables | None = None
+        self.mode: Mode | None = None
+        self.free_gpa = 0  # first GPA of slot 0 the VMM did not use (rdx at entry)
+
+    def add_memory(self, gpa: int, size: int, backing: Backing | str = Backing.SHARED, **kw: object) -> Region:
+        """Add a memslot (vm_userspace_mem_region_add); identity-mapped if the guest is loaded."""
+        region = self.memory.add(gpa, size, backing, **kw)  # type: ignore[arg-type]
+        if self.page_tables is not None:
+            self.page_tables.map(gpa, size)
+            self.page_tables.write()
+        return region
+
+    def add_private_memory(self, gpa: int, size: int, slots: int = 1, **kw: object) -> list[Region]:
+        """One guest_memfd of ``size`` bytes split over ``slots`` memslots (memfd + guest_memfd each),
+        as private_mem_conversions_test lays out its data."""
+        if size % slots or (size // slots) % PAGE_SIZE:
+            raise VmmError(f"{size:#x} bytes do not split into {slots} page-aligned memslots")
+        gmem = self._stack.enter_context(self.vm.create_guest_memfd(size, 0))
+        per = size // slots
+        return [self.add_memory(gpa + i * per, per, Backing.GUEST_MEMFD, gmem=gmem, gmem_offset=i * per, **kw)
+                for i in range(slots)]
+
+    def load(
+        self, image: GuestImage | bytes, mode: Mode | str | None = None, arg: int = 0, page_size: int = HUGE_PAGE_SIZE
+    ) -> None:
+        """Copy the image to IMAGE_GPA and put every vCPU at its entry in ``mode`` (default: the
+        image's), with rdi=vCPU id, rsi=#vCPUs, rdx=first free GPA, rcx=arg, r8=end of slot 0."""
+        data = image.binary if isinstance(image, GuestImage) else image
+        mode = Mode(mode or (image.mode if isinstance(image, GuestImage) else Mode.LONG))
+        if isinstance(image, GuestImage) and image.source is not None:
+            for r in self.runners:
+                r.source_dirs.append(str(image.source.parent))
+        self.memory.write(IMAGE_GPA, data)
+        slot0_end = self.memory.region_at(0).end
+        self.mode = mode
+        if mode is Mode.REAL:
+            for v in self.vcpus:
+                top = REAL_STACK_TOP - v.id * REAL_STACK_SIZE
+                x86.enter_real_mode(v, IMAGE_GPA, top, (v.id, len(self.vcpus), IMAGE_END, arg, slot0_end))
+            return
+        self.allocator = PageAllocator(self.memory)
+        self.page_tables = x86.setup_long_mode_tables(
+            self.memory, self.allocator, page_size, [(r.gpa, r.size) for r in self.memory.regions]
+        )
+        stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
+        free = self.free_gpa = self.allocator.next
+        for v, top in zip(self.vcpus, stacks):
+            v.set_cpuid2(self.kvm.supported_cpuid)
+            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end))
+
+    def run(self, vcpu: int = 0, timeout: float | None = None) -> Ucall | Exit:
+        """Run one vCPU to its next SYNC/DONE ucall or HLT (vcpu_run + get_ucall)."""
+        return self.runners[vcpu].run(timeout)
+
+    def run_all(self, timeout: float | None = None, on_sync: Callable[[Ucall], None] | None = None) -> list[Ucall | Exit]:
+        """Run every vCPU on its own thread to DONE or HLT; re-raises the first failure."""
+        results: list[Ucall | Exit | None] = [None] * len(self.runners)
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                results[i] = self.runners[i].run_until_done(timeout, on_sync)
+            except BaseException as e:  # reported below, other vCPUs stopped
+                errors.append(e)
+                for r in self.runners:
+                    if r is not self.runners[i]:
+                        r.timed_out = True
+                        r.vcpu.kick()
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"vcpu{i}") for i in range(1, len(self.runners))]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if errors:
+            first = next((e for e in errors if not _is_kicked(e)), errors[0])
+            errors.clear()  # no cycle exception -> traceback -> this frame -> errors: vCPU maps must unmap
+            try:
+                raise first
+            finally:
+                first = None  # type: ignore[assignment]
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Close vCPUs, memory, guest_memfds, the VM and (if we opened it) /dev/kvm, newest first."""
+        self._stack.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_kicked(e: BaseException) -> bool:
+    """A timeout raised because another vCPU failed and kicked this one (not the root cause)."""
+    return isinstance(e, GuestTimeout)

@@ -1,0 +1,79 @@
+"""/dev/kvm: the system fd. Asks global questions and creates VMs."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from functools import cached_property
+
+from vmm.errors import VmmError
+
+from . import uapi
+from .fd import KvmFd
+from .uapi import Cap, VmType
+from .vm import Vm
+
+KVM_DEVICE = "/dev/kvm"  # $VMM_KVM_DEVICE overrides it
+
+
+class Kvm(KvmFd):
+    """The KVM subsystem (/dev/kvm)."""
+
+    kind = "/dev/kvm"
+
+    def __init__(self, path: str | None = None) -> None:
+        path = path or os.environ.get("VMM_KVM_DEVICE") or KVM_DEVICE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VmmError(f"{path} does not exist: load kvm_intel/kvm_amd or use a host with KVM") from None
+        except PermissionError:
+            raise VmmError(f"no permission to open {path}: run as root or join the 'kvm' group") from None
+        except OSError as e:
+            raise VmmError(f"cannot open {path}: {os.strerror(e.errno or 0)}") from None
+        super().__init__(fd)
+        self.path = path
+        version = self.api_version()
+        if version != uapi.KVM_API_VERSION:
+            self.close()
+            raise VmmError(f"{path} speaks KVM API {version}, vmm needs {uapi.KVM_API_VERSION}")
+
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION: always 12 on a sane kernel."""
+        return self.ioctl(uapi.KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: Cap | int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm: system-wide answer (VM-scoped caps: ask the VM)."""
+        return self.ioctl(uapi.KVM_CHECK_EXTENSION, int(cap))
+
+    @cached_property
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from a vCPU fd (kvm_run and friends)."""
+        return self.ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def vm_types(self) -> set[int]:
+        """VM types from KVM_CAP_VM_TYPES (a bitmask); just the default VM when the cap is absent."""
+        mask = self.check_extension(Cap.VM_TYPES) or (1 << VmType.DEFAULT)
+        return {t for t in range(64) if mask & (1 << t)}
+
+    @cached_property
+    def supported_cpuid(self) -> bytearray:
+        """KVM_GET_SUPPORTED_CPUID as a kvm_cpuid2 buffer, ready for KVM_SET_CPUID2."""
+        nent = 64
+        while True:
+            buf = bytearray(ctypes.sizeof(uapi.kvm_cpuid2) + nent * ctypes.sizeof(uapi.kvm_cpuid_entry2))
+            uapi.kvm_cpuid2.from_buffer(buf).nent = nent
+            try:
+                self.ioctl(uapi.KVM_GET_SUPPORTED_CPUID, buf)
+            except OSError as e:
+                if e.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise
+            used = uapi.kvm_cpuid2.from_buffer(buf).nent
+            return buf[: ctypes.sizeof(uapi.kvm_cpuid2) + used * ctypes.sizeof(uapi.kvm_cpuid_entry2)]
+
+    def create_vm(self, vm_type: VmType | int = VmType.DEFAULT) -> Vm:
+        """KVM_CREATE_VM of the given type (KVM_X86_SW_PROTECTED_VM for private memory)."""
+        return Vm(self, self.ioctl(uapi.KVM_CREATE_VM, int(vm_type)), int(vm_type), self.vcpu_mmap_size)

@@ -1,0 +1,131 @@
+"""A vCPU fd: KVM_RUN over a reused ctypes view of kvm_run, registers, CPUID, pre-faulting."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import signal
+import threading
+from typing import TYPE_CHECKING
+
+from . import uapi
+from .exits import Exit, decode
+from .fd import KvmFd
+from .uapi import ExitReason
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+_EHWPOISON = getattr(errno, "EHWPOISON", 133)
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _install_kick_handler() -> None:
+    """A no-op handler so KICK_SIGNAL interrupts KVM_RUN with EINTR instead of killing the process."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class Vcpu(KvmFd):
+    """One vCPU; ``run()`` enters the guest until the next exit."""
+
+    kind = "vCPU"
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.id = vcpu_id
+        try:
+            self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            self.close()
+            raise self.error("mmap", e.errno or 0, "kvm_run") from None
+        self.kvm_run = uapi.kvm_run.from_buffer(self._map)
+        self.run_bytes = memoryview(self._map)  # the same page as bytes, for PIO data
+        self.thread_ident: int | None = None  # native thread inside run(), for kick()
+        _install_kick_handler()
+
+    def run(self) -> int:
+        """KVM_RUN once. Returns kvm_run.exit_reason; a memory fault (-EFAULT/-EHWPOISON with
+        exit_reason MEMORY_FAULT) and a signal (-EINTR, reported as KVM_EXIT_INTR) are exits, not errors."""
+        try:
+            fcntl.ioctl(self.fd, uapi.KVM_RUN, 0)
+        except InterruptedError:
+            return ExitReason.INTR
+        except OSError as e:
+            if e.errno in (errno.EFAULT, _EHWPOISON) and self.kvm_run.exit_reason == ExitReason.MEMORY_FAULT:
+                return ExitReason.MEMORY_FAULT
+            raise self.error(uapi.KVM_RUN, e.errno or 0) from None
+        return self.kvm_run.exit_reason
+
+    def exit(self, reason: int | None = None) -> Exit:
+        """The last exit as a typed value (decoded from kvm_run now)."""
+        return decode(self.kvm_run, self.kvm_run.exit_reason if reason is None else reason, self.run_bytes)
+
+    def set_pio_data(self, data: bytes) -> None:
+        """Answer a port IN exit: the bytes the guest's IN instruction receives."""
+        off = self.kvm_run.io.data_offset
+        self.run_bytes[off : off + len(data)] = data
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """Answer an MMIO read exit: the bytes the guest's load receives (at most 8)."""
+        ctypes.memmove(ctypes.addressof(self.kvm_run.mmio.data), data, min(len(data), 8))
+
+    def kick(self) -> None:
+        """Make a running KVM_RUN return soon (immediate_exit + signal), from any thread."""
+        self.kvm_run.immediate_exit = 1
+        ident = self.thread_ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def get_regs(self) -> uapi.kvm_regs:
+        """KVM_GET_REGS."""
+        regs = uapi.kvm_regs()
+        self.ioctl(uapi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
+        self.ioctl(uapi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS."""
+        sregs = uapi.kvm_sregs()
+        self.ioctl(uapi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
+        self.ioctl(uapi.KVM_SET_SREGS, sregs)
+
+    def set_cpuid2(self, cpuid: bytearray) -> None:
+        """KVM_SET_CPUID2 with a kvm_cpuid2 buffer (e.g. Kvm.supported_cpuid)."""
+        self.ioctl(uapi.KVM_SET_CPUID2, bytearray(cpuid))
+
+    def pre_fault_memory(self, gpa: int, size: int) -> None:
+        """KVM_PRE_FAULT_MEMORY: map [gpa, gpa+size) ahead of use, resuming where KVM stopped early."""
+        req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size)
+        while req.size:
+            try:
+                self.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+            except OSError as e:
+                if e.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
+
+    def close(self) -> None:
+        """Close the fd now; the kvm_run mapping goes with it unless a caller still holds a view of
+        it (e.g. a traceback's frame), in which case it is unmapped when the last view dies."""
+        if getattr(self, "kvm_run", None) is not None:
+            self.kvm_run = None  # type: ignore[assignment]
+            self.run_bytes.release()
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None  # type: ignore[assignment]
+        super().close()

@@ -1,0 +1,124 @@
+"""Exit handlers for private memory: KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE) converts as the guest
+asks; KVM_EXIT_MEMORY_FAULT re-enters or converts depending on the VM type (on_memory_fault)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmm.errors import ConversionError, MemoryFaultError, VmmError
+from vmm.kvm.exits import ExitHandlers, HypercallExit, MemoryFaultExit
+from vmm.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, Cap, VmType
+
+from .convert import ConversionPolicy, Converter
+from .regions import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from vmm.kvm.vcpu import Vcpu
+    from vmm.kvm.vm import Vm
+
+MAX_REPEATS = 3  # the same fault this many times with no conversion in between is a bug, not a race
+
+
+
+@dataclass
+class PrivateExitCounts:
+    """What the handlers saw: faults (and the stale ones among them), hypercalls, refusals."""
+
+    memory_faults: int = 0
+    stale_faults: int = 0
+    hypercalls: int = 0
+    rejected_hypercalls: int = 0
+
+
+class PrivateMemoryHandlers(ExitHandlers):
+    """Converts on the guest's behalf; one instance serves every vCPU of the VM."""
+
+    def __init__(self, converter: Converter) -> None:
+        self.converter = converter
+        self.counts = PrivateExitCounts()
+        self.lock = threading.Lock()  # conversions from several vCPU threads are serialised
+        self._last_fault: dict[int, tuple[MemoryFaultExit, int, int]] = {}  # (fault, repeats, conversions then)
+        # True where a fault is never a conversion request (see on_memory_fault)
+        self.attributes_decide = converter.vm.type == VmType.SW_PROTECTED
+        self.policy_for: dict[int, ConversionPolicy] = {}  # per-vCPU overrides of the converter's policy
+
+    @staticmethod
+    def enable(vm: Vm) -> None:
+        """Ask KVM to forward KVM_HC_MAP_GPA_RANGE to userspace (KVM_CAP_EXIT_HYPERCALL bit 12)."""
+        vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+
+    def on_memory_fault(self, vcpu: Vcpu, exit: MemoryFaultExit) -> bool:
+        """KVM_EXIT_MEMORY_FAULT: what it means depends on the VM type.
+
+        KVM_X86_SW_PROTECTED_VM (the only private-memory type vmm can create here): KVM takes
+        private-vs-shared from the attributes alone, so the fault's flags are the attributes when
+        the access began, never a request. If vmm's map differs now, a conversion raced the access
+        and converting "back" would undo it (seen: 10 of 400 racing host conversions reverted); if
+        they agree, no conversion can help (no guest_memfd behind a private gfn, or none behind the
+        slot). Either way: re-enter, and raise MemoryFaultError when the same fault repeats with no
+        conversion in between.
+
+        Other types (SEV-SNP, TDX: the guest's page tables choose private or shared): convert the
+        range to what the fault asks, as QEMU's kvm_convert_memory does. That branch needs such a
+        VM (or ``attributes_decide`` set False by a caller that gives faults that meaning)."""
+        conv = self.converter
+        with self.lock:
+            self.counts.memory_faults += 1
+            want = exit.private
+            if conv.is_private(exit.gpa, exit.size) is want or self.attributes_decide:
+                # our map already says what the guest wants (or the attributes alone decide): a
+                # conversion raced this access and KVM re-checked the attributes; just re-enter
+                self.counts.stale_faults += 1
+                return self._progress(vcpu, exit)
+            try:
+                conv.convert(exit.gpa, exit.size, want, self.policy_for.get(vcpu.id))
+            except ConversionError as e:
+                raise MemoryFaultError(f"vCPU {vcpu.id}: cannot resolve {exit}: {e}\n  map: "
+                                       f"{conv.map_state(exit.gpa)}") from None
+            self._last_fault.pop(vcpu.id, None)
+            return True
+
+    def _progress(self, vcpu: Vcpu, exit: MemoryFaultExit) -> bool:
+        last, n, then = self._last_fault.get(vcpu.id, (None, 0, -1))
+        now = self.converter.stats.conversions
+        n = n + 1 if last == exit and then == now else 1  # a conversion in between: a new race
+        self._last_fault[vcpu.id] = (exit, n, now)
+        if n >= MAX_REPEATS:
+            raise MemoryFaultError(
+                f"vCPU {vcpu.id}: {exit} repeats {n} times with no conversion in between "
+                f"({self._memslot(exit.gpa)})\n  map: {self.converter.map_state(exit.gpa)}"
+            )
+        return True
+
+    def _memslot(self, gpa: int) -> str:
+        try:
+            r = self.converter.memory.region_at(gpa)
+        except VmmError:
+            return "no memslot there"
+        return f"memslot {r.slot} at {r.gpa:#x}, {'with' if r.gmem is not None else 'without'} guest_memfd"
+
+    def on_hypercall(self, vcpu: Vcpu, exit: HypercallExit) -> bool:
+        """KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs): convert as the guest asks and answer in RAX: 0,
+        or -errno when the range cannot be converted (the VM keeps running either way)."""
+        if exit.nr != KVM_HC_MAP_GPA_RANGE:
+            return False
+        gpa, npages, attrs = exit.args[0], exit.args[1], exit.args[2]
+        with self.lock:
+            self.counts.hypercalls += 1
+            try:
+                if npages == 0 or npages > (1 << 52) // PAGE_SIZE:
+                    raise ConversionError(f"bad page count {npages}")
+                to_private = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+                self.converter.convert(gpa, npages * PAGE_SIZE, to_private, self.policy_for.get(vcpu.id))
+                ret = 0
+            except ConversionError as e:
+                self.counts.rejected_hypercalls += 1
+                ret = -e.errno
+            except OSError as e:  # KVM refused the attributes: tell the guest, keep the VM
+                self.counts.rejected_hypercalls += 1
+                ret = -(e.errno or errno.EINVAL)
+        vcpu.kvm_run.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        return True

@@ -1,0 +1,313 @@
+"""The `vmm` command: doctor, boot, selftest, nested, bench. Click only: parse, call the library,
+print. User mistakes end in one line on stderr and a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from vmm.errors import GuestAssertion, GuestTimeout, UnexpectedExit, VmmError
+from vmm.guest import Machine, Ucall, UcallCmd, load_guest
+from vmm.guest.layout import DATA_GPA
+from vmm.kvm import Kvm
+from vmm.kvm.caps import PRIVATE_MEM_REASON, auto_backing, private_memory
+from vmm.kvm.uapi import Cap, ExitReason, GmemFlag, VmType, enum_name
+from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing
+from vmm.paths import CHECKOUT
+
+from . import doctor, nested
+from .bench import common as bench_common
+from .bench import conversions as bench_conversions
+from .bench import exits as bench_exits
+from .units import human_size, parse_size
+
+# exit codes of `vmm boot` (the guest's verdict) and of every usage error
+EXIT_PASSED, EXIT_ASSERT, EXIT_USAGE, EXIT_UNEXPECTED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+# tests that never touch /dev/kvm give the same answer inside: the nested run leaves them to the host
+NESTED_DEFAULT_ARGS = ("-m", "not no_kvm")
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line on stderr and exit with ``code``."""
+    click.echo(f"vmm: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_summary(counts: list[int]) -> str:
+    return ", ".join(f"{enum_name(ExitReason, i)} {c}" for i, c in enumerate(counts) if c) or "none"
+
+
+def _exit_counts(m: Machine) -> list[int]:
+    return [sum(col) for col in zip(*(r.exit_counts for r in m.runners))]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """vmm: a Python VMM harness over /dev/kvm for testing guest_memfd private memory."""
+
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor_cmd(as_json: bool) -> None:
+    """Report KVM capabilities (on /dev/kvm and per VM type) and which selftests will run."""
+    with Kvm() as kvm:
+        r = doctor.report(kvm)
+    click.echo(json.dumps(r, indent=2) if as_json else doctor.render(r))
+
+
+BACKINGS = [b.value for b in Backing] + ["auto"]
+
+
+def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
+    """Refuse a --backing this host cannot give the VM type, naming the capability."""
+    vm_type_name = "sw_protected" if private else "default"
+    with kvm.create_vm(VmType.SW_PROTECTED if private else VmType.DEFAULT) as probe:
+        if not probe.check_extension(Cap.GUEST_MEMFD):
+            fail(f"--backing {backing} needs KVM_CAP_GUEST_MEMFD on a {vm_type_name} VM"
+                 + ("" if private else "; try --vm-type sw_protected"))
+        flags = probe.check_extension(Cap.GUEST_MEMFD_FLAGS)
+    both = GmemFlag.MMAP | GmemFlag.INIT_SHARED
+    if backing == Backing.GUEST_MEMFD_ONLY and flags & both != both:
+        fail("--backing guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP|INIT_SHARED in KVM_CAP_GUEST_MEMFD_FLAGS")
+
+
+@cli.command()
+@click.argument("guest_spec", metavar="GUEST", default="hello")
+@click.option("--mem", "mem", default="4M", show_default=True, help="Guest memory (slot 0), e.g. 4M, 64M.")
+@click.option("--vcpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default: the guest's header).")
+@click.option("--backing", type=click.Choice(BACKINGS), default="auto", show_default=True,
+              help="auto: guest_memfd-only when the host can mmap guest_memfd, else guest_memfd.")
+@click.option("--mode", type=click.Choice(["real", "long"]), default=None, help="CPU mode (default: the guest's header).")
+@click.option("--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables.")
+@click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds before the guest is stopped.")
+@click.option("--vm-type", type=click.Choice(["default", "sw_protected"]), default=None,
+              help="KVM VM type (default: the guest's header); sw_protected adds private-capable memory.")
+@click.option("--private-mem", default="8M", show_default=True,
+              help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.")
+def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str | None, page_size: str,
+         arg: str, timeout: float, vm_type: str | None, private_mem: str) -> None:
+    """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
+    size = parse_size(mem)
+    if size % PAGE_SIZE:
+        fail(f"--mem {mem} is not a multiple of the page size ({PAGE_SIZE})")
+    if size > _host_memory():
+        fail(f"--mem {mem} is larger than this host's memory ({human_size(_host_memory())})")
+    try:
+        user_arg = int(arg, 0)
+    except ValueError:
+        fail(f"--arg {arg!r} is not a number")
+    image = load_guest(guest_spec)
+    private = (VmType[vm_type.upper()] if vm_type else image.vm_type) == VmType.SW_PROTECTED
+    private_size = parse_size(private_mem)
+    if private_size % HUGE_PAGE_SIZE or not private_size:
+        fail(f"--private-mem {private_mem} is not a positive multiple of 2M")
+    with Kvm() as kvm:
+        if private and not private_memory(kvm):
+            fail(f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
+                 "nested test kernel (`vmm nested`, see README)")
+        vm_private = private  # the VM type; `private` alone means the guest wants a private data region
+        if backing == "auto":
+            backing, vm_private = auto_backing(kvm, private)
+        elif backing != Backing.SHARED:
+            _check_backing(kvm, backing, private)
+        n = vcpus or image.vcpus
+
+        def show(vcpu_id: int, text: str) -> None:
+            click.echo(f"guest[{vcpu_id}]: {text}" if n > 1 else f"guest: {text}")
+
+        syncs: list[Ucall] = []
+        click.echo(f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
+                   f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
+                   f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})")
+        vm_kind = VmType.SW_PROTECTED if vm_private else VmType.DEFAULT
+        with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
+            if private:
+                m.add_private_memory(DATA_GPA, private_size)
+                if arg == "0":
+                    user_arg = DATA_GPA
+
+            def on_sync(uc: Ucall) -> None:
+                syncs.append(uc)
+                if private:
+                    _accounting(m, uc)
+
+            m.load(image, mode=mode, arg=user_arg, page_size=PAGE_SIZE if page_size == "4k" else HUGE_PAGE_SIZE)
+            start = time.monotonic()
+            code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
+            try:
+                results = m.run_all(timeout, on_sync=on_sync)
+                if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
+                    code, verdict = EXIT_UNEXPECTED, "halted without GUEST_DONE"
+            except GuestAssertion as e:
+                code, verdict = EXIT_ASSERT, f"FAILED: {e}"
+            except GuestTimeout as e:
+                code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
+            except UnexpectedExit as e:
+                code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
+            elapsed = time.monotonic() - start
+            _report(m, image.name, verdict, elapsed, syncs)
+    sys.exit(code)
+
+
+def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall]) -> None:
+    """The guest's report: verdict, time and exits, SYNCs, memory held by each backing."""
+    click.echo(f"--- {name}: {verdict}")
+    click.echo(f"    time      {elapsed * 1000:.1f} ms, exits: {_exit_summary(_exit_counts(m))}")
+    for s in syncs:
+        click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
+    region = m.memory.region_at(0)
+    click.echo(f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
+               f"guest_memfd {human_size(region.private_allocated())} resident")
+    if m.converter is not None:
+        st = m.converter.stats
+        click.echo(f"    private   {st.conversions} conversions ({human_size(st.bytes_to_private)} to private, "
+                   f"{human_size(st.bytes_to_shared)} to shared); now shared "
+                   f"{human_size(m.converter.shared_allocated())}, private {human_size(m.converter.private_allocated())}")
+
+
+def _accounting(m: Machine, uc: Ucall) -> None:
+    """Per-step line for private guests: bytes held by each backing, conversions, exits so far."""
+    conv = m.converter
+    assert conv is not None
+    click.echo(f"    step {uc.stage}: shared {human_size(conv.shared_allocated())}, private "
+               f"{human_size(conv.private_allocated())}, conversions {conv.stats.conversions}, "
+               f"exits: {_exit_summary(_exit_counts(m))}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def selftest(pytest_args: tuple[str, ...]) -> None:
+    """Run the selftests on this host (arguments go to pytest)."""
+    tests = CHECKOUT / "selftests"
+    if not tests.is_dir():
+        fail(f"selftests not found at {tests} (run from a checkout)")
+    cmd = [sys.executable, "-m", "pytest", str(tests), *pytest_args]
+    sys.exit(subprocess.call(cmd, cwd=CHECKOUT))
+
+
+@cli.command("nested", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--kernel", default=None, help="bzImage to boot (default: $VMM_TEST_KERNEL, cached build, ../shared/kernels).")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
+@click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds for the whole nested run.")
+@click.option("--command", "command", default=None, metavar="SHELL_COMMAND",
+              help="Run this shell command inside (in the checkout, venv first on PATH) instead of pytest.")
+@click.option("--results", default=None, metavar="DIR", help="Results folder, emptied first [default: results/nested].")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def nested_cmd(kernel: str | None, accel: str, timeout: float, command: str | None, results: str | None,
+               pytest_args: tuple[str, ...]) -> None:
+    """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests (or a command) inside.
+
+    Exit status: 0 passed, 1 tests (or the command) failed, 2 usage or set-up error, 3 the run
+    itself failed (kernel panic, timeout, no result)."""
+    if command is not None and pytest_args:
+        fail("--command replaces pytest: give pytest arguments or --command, not both")
+    if command is None and not pytest_args:
+        pytest_args = NESTED_DEFAULT_ARGS
+
+    def echo(line: str) -> None:
+        click.echo(line)
+
+    path = nested.find_kernel(kernel)
+    res = nested.run_nested(path, accel, timeout, list(pytest_args), echo=echo, command=command,
+                            results=Path(results) if results else None)
+    click.echo(nested.summary(res))
+    if res.boot_attempts > 1:
+        click.echo("  the first boot hung before init and was retried")
+    for line in res.kernel_warnings:
+        click.echo(f"  kernel: {line}")
+    files: list[tuple[str, Path | None]] = [("console", res.console_log)]
+    if command is None:
+        files[:0] = [("ktap", res.ktap), ("junit", res.junit)]
+    for label, file in files:
+        click.echo(f"  {label}: {file if file else 'missing'}")
+    sys.exit(nested.EXIT_CODES.get(res.verdict, 3))
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks: print figures and write JSON; compare against a reference measured in the same run."""
+
+
+@bench.command("exits")
+@click.option("--exits", "n", type=click.IntRange(1), default=bench_exits.DEFAULT_EXITS, show_default=True,
+              help="SYNC ucalls per run.")
+@click.option("--repeats", type=click.IntRange(1), default=bench_exits.DEFAULT_REPEATS, show_default=True,
+              help="Runs of each loop, interleaved.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@click.option("--check", is_flag=True, help="Exit 1 when the ratio is above the target.")
+def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) -> None:
+    """PIO ucall round trip: vmm's run loop against a minimal C KVM_RUN loop."""
+    result = bench_exits.run_exit_bench(n, repeats)
+    click.echo(bench_exits.format_table(result))
+    if json_path:
+        bench_common.write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+    sys.exit(1 if check and not result["within_target"] else 0)
+
+
+@bench.command("conversions")
+@click.option("--size", default="1G", show_default=True, help="Guest-driven sweep size (multiple of 2M).")
+@click.option("--size-4k", default=None,
+              help="Smaller size for the 4K sweep only; its exits are scaled to --size (labelled).")
+@click.option("--peak-size", default="256M", show_default=True, help="Populated region of the peak-allocation sweeps.")
+@click.option("--repeats", type=click.IntRange(1), default=bench_conversions.DEFAULT_REPEATS, show_default=True,
+              help="Runs of the C test and of our port.")
+@click.option("--sweep-repeats", type=click.IntRange(1), default=1, show_default=True, help="Runs of each sweep.")
+@click.option("--c-test", default=None, metavar="PATH",
+              help="C private_mem_conversions_test [default: ~/.cache/vmm/kselftests/private_mem_conversions_test].")
+@click.option("--skip", multiple=True, type=click.Choice(bench_conversions.PARTS), help="Leave a part out.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=bench_conversions.DEFAULT_TIMEOUT,
+              show_default=True, help="Seconds per sweep direction.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
+def bench_conversions_cmd(size: str, size_4k: str | None, peak_size: str, repeats: int, sweep_repeats: int,
+                          c_test: str | None, skip: tuple[str, ...], timeout: float, json_path: str | None,
+                          check: bool) -> None:
+    """Conversions/s and exits per MiB at 4K and 2M, peak allocation, C test vs our port (needs private memory)."""
+    result = bench_conversions.run_conversion_bench(
+        size=parse_size(size),
+        size_4k=parse_size(size_4k) if size_4k else None,
+        peak_size=parse_size(peak_size),
+        repeats=repeats,
+        sweep_repeats=sweep_repeats,
+        c_test=Path(c_test).expanduser() if c_test else None,
+        skip=skip,
+        timeout=timeout,
+        checkpoint=(lambda r: bench_common.write_json(json_path, r)) if json_path else None,
+    )
+    click.echo(bench_conversions.format_table(result))
+    if json_path:
+        click.echo(f"wrote {json_path}")
+    sys.exit(1 if check and not bench_conversions.within_targets(result) else 0)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning VmmError into a one-line message."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except VmmError as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except BrokenPipeError:  # `vmm boot | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

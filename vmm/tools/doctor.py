@@ -1,0 +1,133 @@
+"""What this host's KVM offers, asked on the right fd, and which selftest groups will run or skip.
+
+The requirement checks here are the ones the selftests use, so `vmm doctor` and pytest agree."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmm.errors import VmmError
+from vmm.guest import image
+from vmm.kvm.caps import PRIVATE_MEM_REASON, gmem_flags, hypercall_exits, private_memory
+from vmm.kvm.system import Kvm
+from vmm.kvm.uapi import Cap, GmemFlag, VmType, enum_name
+
+from . import nested
+
+# capabilities this project relies on, and the fd on which the answer means something
+SYSTEM_CAPS = (Cap.USER_MEMORY, Cap.NR_MEMSLOTS, Cap.MAX_VCPUS, Cap.IMMEDIATE_EXIT, Cap.VM_TYPES,
+               Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO, Cap.EXIT_HYPERCALL)
+VM_CAPS = (Cap.GUEST_MEMFD, Cap.GUEST_MEMFD_FLAGS, Cap.MEMORY_ATTRIBUTES, Cap.PRE_FAULT_MEMORY,
+           Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO, Cap.NR_MEMSLOTS, Cap.READONLY_MEM)
+
+@dataclass(frozen=True)
+class Group:
+    """A selftest group and what it needs from the host."""
+
+    name: str
+    files: str
+    check: Callable[[Kvm], tuple[bool, str]]
+
+
+def _always(kvm: Kvm) -> tuple[bool, str]:
+    return True, ""
+
+
+def _flag(flag: GmemFlag) -> Callable[[Kvm], tuple[bool, str]]:
+    return lambda kvm: (gmem_flags(kvm) & flag == flag, f"GUEST_MEMFD_FLAG_{flag.name} in KVM_CAP_GUEST_MEMFD_FLAGS")
+
+
+def _toolchain(kvm: Kvm) -> tuple[bool, str]:
+    return shutil.which("gcc") is not None, "gcc"
+
+
+GROUPS = (
+    Group("uapi layout vs kernel headers", "harness/test_uapi_layout.py", _toolchain),
+    Group("guest_memfd", "kvm/test_guest_memfd.py", lambda k: (k.check_extension(Cap.GUEST_MEMFD) > 0, "KVM_CAP_GUEST_MEMFD")),
+    Group("guest_memfd mmap / guest_memfd-only slots", "kvm/test_guest_memfd.py", _flag(GmemFlag.MMAP)),
+    Group("memslots", "kvm/test_set_memory_region.py", _always),
+    Group("CPU modes, ucall, exits", "harness/test_cpu_modes.py test_ucall.py test_exits.py", _always),
+    Group("hypercall exits", "harness/test_exits.py", hypercall_exits),
+    Group("private memory", "kvm/x86/test_private_mem_*.py harness/test_conversion_*.py",
+          lambda k: (private_memory(k), PRIVATE_MEM_REASON)),
+)
+
+
+def report(kvm: Kvm) -> dict:
+    """Everything `vmm doctor` shows, as plain data (the --json output)."""
+    types = sorted(kvm.vm_types())
+    caps: dict[str, dict[str, int | None]] = {}
+    for cap in sorted(set(SYSTEM_CAPS) | set(VM_CAPS)):
+        caps[f"KVM_CAP_{cap.name}"] = {"/dev/kvm": kvm.check_extension(cap)}
+    for t in types:
+        try:
+            with kvm.create_vm(t) as vm:
+                for cap in VM_CAPS:
+                    caps[f"KVM_CAP_{cap.name}"][_vm_label(t)] = vm.check_extension(cap)
+        except OSError:
+            continue
+    flags = gmem_flags(kvm)  # one probe VM, not one per flag
+    groups = []
+    for g in GROUPS:
+        try:
+            ok, reason = g.check(kvm)
+        except OSError as e:
+            ok, reason = False, str(e)
+        groups.append({"group": g.name, "files": g.files, "runs": ok, "needs": "" if ok else reason})
+    nested_ok, nested_why = nested.nested_virt_available()
+    try:
+        kernel = str(nested.find_kernel(None))
+    except VmmError as e:
+        kernel = f"none ({e})"
+    return {
+        "kernel": platform.release(),
+        "kvm_api_version": kvm.api_version(),
+        "vm_types": [_type_name(t) for t in types],
+        "capabilities": caps,
+        "guest_memfd_flags": [f.name for f in GmemFlag if flags & f],
+        "private_memory": {"available": private_memory(kvm), "needs": PRIVATE_MEM_REASON},
+        "selftest_groups": groups,
+        "guest_toolchain_missing": image.toolchain_missing(),
+        "nested": {"available": nested_ok, "why": nested_why, "accel": nested.choose_accel("auto")[2], "kernel": kernel},
+    }
+
+
+def _type_name(t: int) -> str:
+    name = enum_name(VmType, t)
+    return f"KVM_X86_{name}_VM" if not name.isdigit() else f"type {t}"
+
+
+def _vm_label(t: int) -> str:
+    name = enum_name(VmType, t)
+    return f"VM({name})" if not name.isdigit() else f"VM(type {t})"
+
+
+def render(r: dict) -> str:
+    """The human-readable doctor report."""
+    out = [f"kernel            {r['kernel']}", f"KVM API version   {r['kvm_api_version']}",
+           f"VM types          {', '.join(r['vm_types'])}", ""]
+    columns = ["/dev/kvm"] + sorted({k for v in r["capabilities"].values() for k in v if k != "/dev/kvm"})
+    out.append(f"{'capability':28}" + "".join(f"{c:>18}" for c in columns))
+    for name, answers in r["capabilities"].items():
+        cells = [answers.get(c) for c in columns]
+        out.append(f"{name:28}" + "".join(f"{'-' if v is None else hex(v) if v > 9 else v:>18}" for v in cells))
+    out.append("")
+    out.append(f"guest_memfd flags {', '.join(r['guest_memfd_flags']) or 'none (KVM_CAP_GUEST_MEMFD_FLAGS is 0)'}")
+    pm = r["private_memory"]
+    out.append("private memory    " + ("yes (KVM_X86_SW_PROTECTED_VM)" if pm["available"]
+               else f"no: needs {pm['needs']}; run those tests with `vmm nested`"))
+    out.append("")
+    out.append("selftest groups")
+    for g in r["selftest_groups"]:
+        state = "runs" if g["runs"] else f"skips: needs {g['needs']}"
+        out.append(f"  {g['group']:44} {state}")
+    missing = r["guest_toolchain_missing"]
+    out.append("")
+    out.append("guest toolchain   " + ("cpp, as, ld, objcopy found" if not missing else f"missing {', '.join(missing)} (bundled .bin files are used)"))
+    n = r["nested"]
+    out.append(f"nested virt       {'yes' if n['available'] else 'no'} ({n['why']})")
+    out.append(f"vmm nested uses   {n['accel']}; kernel {n['kernel']}")
+    return "\n".join(out)
