@@ -8,13 +8,13 @@ GUEST_SRC := $(wildcard guest/*.S)
 GUEST_BIN := $(patsubst guest/%.S,guest/build/%.bin,$(GUEST_SRC))
 BENCH_BIN := bench/build/exit_loop
 
-.PHONY: run test test-host test-nested guests bench setup clean
+.PHONY: run test test-host test-nested lint guests bench setup clean
 .DELETE_ON_ERROR:
 
 run: setup guests
 	$(VMM) boot hello
 
-test: setup guests $(BENCH_BIN)
+test: setup lint guests $(BENCH_BIN)
 	@mkdir -p $(RESULTS); status=0; \
 	$(VMM) selftest --ktap $(RESULTS)/host.ktap --junitxml $(RESULTS)/host-junit.xml || status=1; \
 	$(VMM) nested || status=1; \
@@ -30,6 +30,12 @@ test-nested: setup guests
 bench: setup guests $(BENCH_BIN)
 	@mkdir -p $(RESULTS)
 	$(VMM) bench exits --json $(RESULTS)/bench-exits.json
+
+# ruff (lint and format check) and mypy, as configured in pyproject.toml; `make test` runs it first
+lint: setup
+	$(VENV)/bin/ruff check vmm selftests
+	$(VENV)/bin/ruff format --check vmm selftests
+	$(VENV)/bin/mypy
 
 # idempotent: installs only what is missing (QEMU too when the nested suite will run)
 setup:

@@ -7,5 +7,8 @@ from __future__ import annotations
 import importlib.metadata
 
 _installed = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
-pytest_plugins = [module for name, module in (("vmm", "vmm.tools.pytest_plugin"), ("vmm_ktap", "vmm.tools.ktap"))
-                  if name not in _installed]
+pytest_plugins = [
+    module
+    for name, module in (("vmm", "vmm.tools.pytest_plugin"), ("vmm_ktap", "vmm.tools.ktap"))
+    if name not in _installed
+]

@@ -99,13 +99,17 @@ def test_kernel_built_only_on_cache_miss_into_the_cached_path() -> None:
     build = [s for s in all_steps if "scripts/build-test-kernel" in s.get("run", "")]
     assert len(build) == 1
     assert build[0]["if"].replace(" ", "") == f"steps.{cache['id']}.outputs.cache-hit!='true'"
-    assert all_steps.index(cache) < all_steps.index(build[0]) < all_steps.index(
-        next(s for s in all_steps if "make test" in commands(s.get("run", "")))
+    assert (
+        all_steps.index(cache)
+        < all_steps.index(build[0])
+        < all_steps.index(next(s for s in all_steps if "make test" in commands(s.get("run", ""))))
     )
     env = {k: str(v) for k, v in load_workflow()["jobs"]["test"].get("env", {}).items()}
     dest = subprocess.run(
         [str(ROOT / "scripts" / "build-test-kernel"), "--print-path"],
         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent-home", **env},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert Path(dest).parent == Path(cache["with"]["path"])

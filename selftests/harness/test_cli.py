@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def vmm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmm", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vmm", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
@@ -126,9 +132,14 @@ def test_missing_or_forbidden_dev_kvm(tmp_path: Path) -> None:
     forbidden.chmod(0)
     env = {"VMM_KVM_DEVICE": str(forbidden)}
     if os.geteuid() == 0:  # root ignores file modes unless it gives up CAP_DAC_OVERRIDE
-        proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable,
-                               "-m", "vmm", "doctor"], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                              env={**os.environ, **env})
+        proc = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "vmm", "doctor"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            env={**os.environ, **env},
+        )
     else:
         proc = vmm("doctor", env=env)
     assert "no permission" in one_line_error(proc)

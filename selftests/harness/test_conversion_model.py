@@ -142,8 +142,10 @@ class PrivateMemoryModel(RuleBasedStateMachine):
             while q < PAGES and self.content[q] == self.content[p]:
                 q += 1
             offset, found = self.agent.call(vcpu, CHECK, p, q - p, self.content[p])
-            assert offset == 0, (f"vCPU {vcpu} sees {found:#x} at page {p + (offset - 1) // PAGE}, model says "
-                                 f"{self.content[p]:#x} ({'private' if self.private[p] else 'shared'})")
+            assert offset == 0, (
+                f"vCPU {vcpu} sees {found:#x} at page {p + (offset - 1) // PAGE}, model says "
+                f"{self.content[p]:#x} ({'private' if self.private[p] else 'shared'})"
+            )
             p = q
 
     @invariant()
@@ -166,6 +168,7 @@ def test_private_memory_model(private_kvm: Kvm) -> None:
     require_private_mem(private_kvm)
     PrivateMemoryModel.kvm = private_kvm
     run = PrivateMemoryModel.TestCase
-    run.settings = settings(max_examples=12, stateful_step_count=25, deadline=None,
-                            suppress_health_check=list(HealthCheck))
+    run.settings = settings(
+        max_examples=12, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     run().runTest()

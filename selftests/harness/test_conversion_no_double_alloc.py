@@ -21,7 +21,6 @@ GUEST_SIZE = 256 << 20
 MEMINFO_SLACK = 256 << 10
 
 
-
 def populated(kvm: Kvm, policy: ConversionPolicy) -> Machine:
     """A SW_PROTECTED VM whose 256 MiB of data is all shared and all written (fully allocated)."""
     m = Machine(kvm=kvm, vm_type=VmType.SW_PROTECTED, policy=policy)
@@ -44,7 +43,9 @@ def test_conversions_never_hold_memory_twice(private_kvm: Kvm, granularity: Gran
         peak_shared = sweep(conv, DATA_GPA, GUEST_SIZE, policy.unit, to_private=False)[0]
         assert conv.private_allocated() <= MEMINFO_SLACK
     for peak in (peak_private, peak_shared):
-        assert peak <= GUEST_SIZE + policy.unit + MEMINFO_SLACK, f"peak {peak >> 20} MiB for a {GUEST_SIZE >> 20} MiB guest"
+        assert peak <= GUEST_SIZE + policy.unit + MEMINFO_SLACK, (
+            f"peak {peak >> 20} MiB for a {GUEST_SIZE >> 20} MiB guest"
+        )
 
 
 def test_no_discard_mode_shows_the_double(private_kvm: Kvm) -> None:

@@ -62,8 +62,6 @@ def hammer_arg(gpa: int, npages: int) -> int:
     return gpa | MODE_HAMMER | npages << 2
 
 
-
-
 def fill_shared(m: Machine, gpa: int, npages: int) -> None:
     """The host's copy of the guest's pattern: the u64s at 0 and 0xff8 of each page hold their GPA."""
     for p in range(npages):
@@ -148,8 +146,10 @@ def test_conversion_race_faults_are_stale(private_kvm: Kvm) -> None:
         rounds = expect_sync(done, 2).args[1]
         assert m.run(timeout=TIMEOUT).cmd == UcallCmd.DONE
         counts = handlers.counts
-        summary = (f"{race['host']} host conversions in {elapsed:.1f} s, {rounds} guest rounds, "
-                   f"{counts.memory_faults} memory faults, {counts.stale_faults} stale")
+        summary = (
+            f"{race['host']} host conversions in {elapsed:.1f} s, {rounds} guest rounds, "
+            f"{counts.memory_faults} memory faults, {counts.stale_faults} stale"
+        )
         print(summary)
         assert counts.stale_faults > 0, f"no conversion raced a vCPU access: {summary}"
         assert counts.stale_faults == counts.memory_faults, f"a fault was not treated as stale: {summary}"
@@ -227,8 +227,10 @@ def test_fault_without_progress_raises(private_kvm: Kvm) -> None:
         with pytest.raises(MemoryFaultError) as e:
             m.run(timeout=TIMEOUT)
         message = str(e.value)
-        assert f"KVM_EXIT_MEMORY_FAULT private flags={KVM_MEMORY_EXIT_FLAG_PRIVATE:#x} gpa={BASE:#x} " \
-               f"size={PAGE_SIZE:#x} repeats {MAX_REPEATS} times" in message, message
+        assert (
+            f"KVM_EXIT_MEMORY_FAULT private flags={KVM_MEMORY_EXIT_FLAG_PRIVATE:#x} gpa={BASE:#x} "
+            f"size={PAGE_SIZE:#x} repeats {MAX_REPEATS} times" in message
+        ), message
         assert "no memslot" in message, message
         assert "map: [" in message and f"{BASE + PAGE_SIZE:#x}) private" in message, message
         assert handlers.counts.memory_faults == handlers.counts.stale_faults == MAX_REPEATS

@@ -95,11 +95,7 @@ def test_junitxml_alongside(pytester: pytest.Pytester) -> None:
 
 def test_interrupted_session_still_writes(pytester: pytest.Pytester) -> None:
     """Ctrl-C mid-run still writes the file: done tests, the cut-off one as ERROR, no later ones."""
-    pytester.makepyfile(
-        test_int="def test_a(): pass\n"
-        "def test_b(): raise KeyboardInterrupt\n"
-        "def test_c(): pass\n"
-    )
+    pytester.makepyfile(test_int="def test_a(): pass\ndef test_b(): raise KeyboardInterrupt\ndef test_c(): pass\n")
     result, lines = run(pytester)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert lines[:4] == [

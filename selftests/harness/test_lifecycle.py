@@ -135,8 +135,10 @@ def test_with_closes_machine(kvm: Kvm) -> None:
 
 ERROR_CASES = {
     # case: (the call's name in the error, pieces its message must contain)
-    "memslot2_bad_flags": ("KVM_SET_USER_MEMORY_REGION2", [
-        "slot=3", "flags=0x80", "guest_phys_addr=0x100000", "memory_size=0x2000", "on VM fd"]),
+    "memslot2_bad_flags": (
+        "KVM_SET_USER_MEMORY_REGION2",
+        ["slot=3", "flags=0x80", "guest_phys_addr=0x100000", "memory_size=0x2000", "on VM fd"],
+    ),
     "guest_memfd_bad_size": ("KVM_CREATE_GUEST_MEMFD", ["size=1", "flags=0", "on VM fd"]),
     "bad_vm_type": ("KVM_CREATE_VM", ["KVM_CREATE_VM(127)", "on /dev/kvm fd"]),
     "unaligned_punch_hole": ("fallocate", ["KEEP_SIZE|PUNCH_HOLE", "offset=0x1", "len=0x1000", "on guest_memfd fd"]),
@@ -189,7 +191,9 @@ def test_capabilities_on_vm_fd_vs_dev_kvm(kvm: Kvm) -> None:
                 except OSError as e:
                     assert e.errno == errno.EINVAL, e
                     bound = False
-            assert bound == has_gmem, f"VM type {vm_type}: KVM_CAP_GUEST_MEMFD={has_gmem} but binding {'worked' if bound else 'failed'}"
+            assert bound == has_gmem, (
+                f"VM type {vm_type}: KVM_CAP_GUEST_MEMFD={has_gmem} but binding {'worked' if bound else 'failed'}"
+            )
             if vm_type == VmType.DEFAULT and vm.check_extension(Cap.GUEST_MEMFD_FLAGS) & GmemFlag.MMAP:
                 assert has_gmem, "a default VM with GUEST_MEMFD_FLAG_MMAP must report KVM_CAP_GUEST_MEMFD"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -73,8 +73,11 @@ def test_named_kernel_must_exist(kernel_env: Path, monkeypatch: pytest.MonkeyPat
 def test_build_script_installs_where_find_kernel_looks(kernel_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/build-test-kernel --print-path agrees with cached_kernel(), with and without overrides."""
     script = str(ROOT / "scripts" / "build-test-kernel")
-    for env in ({"VMM_CACHE_DIR": str(kernel_env / "c")}, {"XDG_CACHE_HOME": str(kernel_env / "x")},
-                {"HOME": str(kernel_env / "home")}):
+    for env in (
+        {"VMM_CACHE_DIR": str(kernel_env / "c")},
+        {"XDG_CACHE_HOME": str(kernel_env / "x")},
+        {"HOME": str(kernel_env / "home")},
+    ):
         for var in ("VMM_CACHE_DIR", "XDG_CACHE_HOME"):
             monkeypatch.delenv(var, raising=False)
         for var, value in env.items():
@@ -89,7 +92,9 @@ def test_fragment_options_are_in_the_prebuilt_config() -> None:
     if not config.exists():
         pytest.skip(f"needs the prebuilt kernel's config at {config}")
     have = set(config.read_text().splitlines())
-    wanted = [ln for ln in (ROOT / "scripts" / "test-kernel.config").read_text().splitlines() if ln.startswith("CONFIG_")]
+    wanted = [
+        ln for ln in (ROOT / "scripts" / "test-kernel.config").read_text().splitlines() if ln.startswith("CONFIG_")
+    ]
     assert "CONFIG_KVM_SW_PROTECTED_VM=y" in wanted
     assert [w for w in wanted if w not in have] == ["CONFIG_MEMCG=y"]  # added on top of the prebuilt
 
@@ -116,8 +121,12 @@ def test_nested_virt_available_matches_cpuinfo() -> None:
     """Without vmx/svm in /proc/cpuinfo (e.g. kvm_pvm hosts) nested virtualization is reported missing."""
     ok, reason = nested.nested_virt_available()
     assert isinstance(ok, bool) and reason
-    flags = {f for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
-             for f in ln.partition(":")[2].split()}
+    flags = {
+        f
+        for ln in Path("/proc/cpuinfo").read_text().splitlines()
+        if ln.startswith("flags")
+        for f in ln.partition(":")[2].split()
+    }
     if not flags & {"vmx", "svm"}:
         assert not ok
         assert "vmx" in reason or "/dev/kvm" in reason
@@ -131,13 +140,26 @@ def test_init_script(tmp_path: Path) -> None:
     script = nested.init_script(checkout, results, python, ["-k", "it's"], env)
     (tmp_path / "init.sh").write_text(script)
     subprocess.run(["sh", "-n", str(tmp_path / "init.sh")], check=True)
-    for needle in ("export VMM_NESTED=1", "export VMM_REQUIRE_PRIVATE_MEM=1", "export PYTHONDONTWRITEBYTECODE=1",
-                   "export EXTRA='a b'", "mount -t proc", "mount -t sysfs", "mount -t devtmpfs",
-                   "tmpfs /tmp", "tmpfs /run", "checkout /work/x ", "cd /work/x",
-                   "/work/x/.venv/bin/python -m pytest -k 'it'\"'\"'s'",
-                   "> /work/x/results/nested/exit-status", "echo o > /proc/sysrq-trigger"):
+    for needle in (
+        "export VMM_NESTED=1",
+        "export VMM_REQUIRE_PRIVATE_MEM=1",
+        "export PYTHONDONTWRITEBYTECODE=1",
+        "export EXTRA='a b'",
+        "mount -t proc",
+        "mount -t sysfs",
+        "mount -t devtmpfs",
+        "tmpfs /tmp",
+        "tmpfs /run",
+        "checkout /work/x ",
+        "cd /work/x",
+        "/work/x/.venv/bin/python -m pytest -k 'it'\"'\"'s'",
+        "> /work/x/results/nested/exit-status",
+        "echo o > /proc/sysrq-trigger",
+    ):
         assert needle in script, needle
-    anchor, wait, pytest_at = (script.index(x) for x in ("KVM_CREATE_IRQCHIP", f"[ ! -e {nested.ANCHOR_READY} ]", " -m pytest"))
+    anchor, wait, pytest_at = (
+        script.index(x) for x in ("KVM_CREATE_IRQCHIP", f"[ ! -e {nested.ANCHOR_READY} ]", " -m pytest")
+    )
     assert anchor < wait < pytest_at  # the anchor VMs hold KVM's static keys before any test runs
     assert "mount_tag=results" not in script and " results /work" not in script  # inside the checkout
     outside = nested.init_script(checkout, Path("/srv/out"), python, [], env)
@@ -147,8 +169,14 @@ def test_init_script(tmp_path: Path) -> None:
 def test_init_script_command(tmp_path: Path) -> None:
     """With a shell command instead of pytest, the script runs it in a subshell and records its status."""
     python = Path("/c/.venv/bin/python")
-    script = nested.init_script(Path("/c"), Path("/c/results/nested"), python, [],
-                                nested.guest_env(Path("/c"), python), command="echo hi; exit 3")
+    script = nested.init_script(
+        Path("/c"),
+        Path("/c/results/nested"),
+        python,
+        [],
+        nested.guest_env(Path("/c"), python),
+        command="echo hi; exit 3",
+    )
     (tmp_path / "init.sh").write_text(script)
     subprocess.run(["sh", "-n", str(tmp_path / "init.sh")], check=True)
     assert "( echo hi; exit 3\n)" in script and " -m pytest" not in script
@@ -157,12 +185,25 @@ def test_init_script_command(tmp_path: Path) -> None:
 
 def test_qemu_command(tmp_path: Path) -> None:
     """QEMU gets 4G/2 CPUs, no reboot, the host root read-only and the checkout writable over 9p."""
-    cmd = nested.qemu_command(Path("/k/bzImage"), ["-accel", "tcg"], ["-cpu", "max"], Path("/c"),
-                              Path("/c/results/nested"), Path("/c/results/nested/init.sh"))
+    cmd = nested.qemu_command(
+        Path("/k/bzImage"),
+        ["-accel", "tcg"],
+        ["-cpu", "max"],
+        Path("/c"),
+        Path("/c/results/nested"),
+        Path("/c/results/nested/init.sh"),
+    )
     joined = " ".join(cmd)
     assert cmd[0] == "qemu-system-x86_64"
-    for needle in ("-m 4G", "-smp 2", "-nodefaults -nographic -serial stdio", "-no-reboot", "-kernel /k/bzImage",
-                   "path=/,mount_tag=hostroot,readonly=on", "path=/c,mount_tag=checkout"):
+    for needle in (
+        "-m 4G",
+        "-smp 2",
+        "-nodefaults -nographic -serial stdio",
+        "-no-reboot",
+        "-kernel /k/bzImage",
+        "path=/,mount_tag=hostroot,readonly=on",
+        "path=/c,mount_tag=checkout",
+    ):
         assert needle in joined, needle
     append = cmd[cmd.index("-append") + 1].split()
     assert {"root=hostroot", "rootfstype=9p", "ro", "init=/c/results/nested/init.sh", "console=ttyS0"} <= set(append)
@@ -185,6 +226,7 @@ def test_results_folder_guard(tmp_path: Path) -> None:
 
 def test_summary_and_exit_codes(tmp_path: Path) -> None:
     """The one-line summary names the verdict; only passed maps to 0, tests-failed to 1, the rest to 3."""
+
     def res(verdict: Verdict, status: int | None) -> nested.NestedResult:
         return nested.NestedResult(verdict, status, 312.4, 9.2, None, None, tmp_path, "tcg (auto)", "Kernel panic - x")
 
@@ -196,8 +238,12 @@ def test_summary_and_exit_codes(tmp_path: Path) -> None:
 
 def test_nested_missing_kernel(tmp_path: Path) -> None:
     """`vmm nested --kernel MISSING` is a setup error: exit code 2 and one line, without booting."""
-    proc = subprocess.run([sys.executable, "-m", "vmm", "nested", "--kernel", str(tmp_path / "missing-bzImage")],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmm", "nested", "--kernel", str(tmp_path / "missing-bzImage")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "build-test-kernel" in proc.stderr
 
@@ -212,7 +258,9 @@ def fake_qemu(tmp_path: Path, body: str) -> list[str]:
 
 def test_boot_watch_init_and_exit(tmp_path: Path) -> None:
     """Console lines are streamed and logged; the init mark gives the boot time; QEMU's status is kept."""
-    cmd = fake_qemu(tmp_path, f"echo 'early'; echo '{nested.INIT_MARK}'; echo '[ 1.0] WARNING: CPU: 0 PID: 1 at x'; exit 7")
+    cmd = fake_qemu(
+        tmp_path, f"echo 'early'; echo '{nested.INIT_MARK}'; echo '[ 1.0] WARNING: CPU: 0 PID: 1 at x'; exit 7"
+    )
     seen: list[str] = []
     with open(tmp_path / "log", "w") as log:
         run = nested.run_qemu(cmd, time.monotonic() + 30, 30, seen.append, log)
@@ -225,13 +273,23 @@ def test_boot_watch_init_and_exit(tmp_path: Path) -> None:
 def test_boot_panic_hang_and_timeout(tmp_path: Path) -> None:
     """A panic line is caught; no init within the boot timeout, or no exit by the deadline, kills QEMU."""
     with open(tmp_path / "log", "w") as log:
-        panic = nested.run_qemu(fake_qemu(tmp_path, f"echo '{nested.INIT_MARK}'; echo 'Kernel panic - not syncing: x'"),
-                             time.monotonic() + 30, 30, lambda _: None, log)
+        panic = nested.run_qemu(
+            fake_qemu(tmp_path, f"echo '{nested.INIT_MARK}'; echo 'Kernel panic - not syncing: x'"),
+            time.monotonic() + 30,
+            30,
+            lambda _: None,
+            log,
+        )
         assert panic.panic_line == "Kernel panic - not syncing: x" and not panic.timed_out
         hang = nested.run_qemu(fake_qemu(tmp_path, "exec sleep 60"), time.monotonic() + 30, 1, lambda _: None, log)
         assert hang.hung_in_boot and hang.qemu_status is None and hang.boot_s is None
-        late = nested.run_qemu(fake_qemu(tmp_path, f"echo '{nested.INIT_MARK}'; exec sleep 60"),
-                            time.monotonic() + 1.5, 30, lambda _: None, log)
+        late = nested.run_qemu(
+            fake_qemu(tmp_path, f"echo '{nested.INIT_MARK}'; exec sleep 60"),
+            time.monotonic() + 1.5,
+            30,
+            lambda _: None,
+            log,
+        )
         assert late.timed_out and not late.hung_in_boot and late.qemu_status is None
 
 
@@ -246,8 +304,9 @@ echo '{nested.INIT_MARK}'; echo 0 > "$results/exit-status"; echo '{nested.POWERO
 """
     monkeypatch.setattr(nested.qemu, "QEMU", fake_qemu(tmp_path, body)[0])
     kernel = touch(tmp_path / "bzImage")
-    res = nested.run_nested(kernel, "tcg", 60, ["-k", "nothing"], results=tmp_path / "results",
-                            echo=lambda _: None, boot_timeout_s=2)
+    res = nested.run_nested(
+        kernel, "tcg", 60, ["-k", "nothing"], results=tmp_path / "results", echo=lambda _: None, boot_timeout_s=2
+    )
     assert (res.verdict, res.exit_status, res.boot_attempts) == (Verdict.PASSED, 0, 2)
     assert "retrying the boot once" in res.console_log.read_text()
     init = (tmp_path / "results" / "init.sh").read_text()
@@ -291,8 +350,9 @@ def test_e2e_failing_test_fails_the_run(tmp_path: Path) -> None:
     """A real boot with one failing test inside: verdict tests-failed and pytest's exit status 1."""
     kernel = e2e_kernel()
     lines: list[str] = []
-    res = nested.run_nested(kernel, "auto", 600, SMOKE, results=tmp_path / "results", echo=lines.append,
-                            extra_env={"VMM_SMOKE_FAIL": "1"})
+    res = nested.run_nested(
+        kernel, "auto", 600, SMOKE, results=tmp_path / "results", echo=lines.append, extra_env={"VMM_SMOKE_FAIL": "1"}
+    )
     assert res.verdict is Verdict.TESTS_FAILED, "\n".join(lines[-40:])
     assert res.exit_status == 1
     assert res.ktap is not None

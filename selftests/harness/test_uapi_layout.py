@@ -52,9 +52,9 @@ Check = tuple[str, str, int]  # (what, C expression, value in Python)
 def ctypes_classes() -> list[CType]:
     """Every Structure/Union defined in vmm.uapi."""
     return [
-        c for c in vars(uapi).values()
-        if isinstance(c, type) and issubclass(c, (ctypes.Structure, ctypes.Union))
-        and c.__module__ == uapi.__name__
+        c
+        for c in vars(uapi).values()
+        if isinstance(c, type) and issubclass(c, (ctypes.Structure, ctypes.Union)) and c.__module__ == uapi.__name__
     ]
 
 
@@ -70,12 +70,10 @@ def members(cls: CType) -> Iterator[CType]:
 
 def nested_anonymous() -> set[CType]:
     """Types inside an outer class and named <outer>_<member> (kvm_run_io): untagged in C."""
-    return {m for c in ctypes_classes() for m in members(c)
-            if m.__name__.startswith(c.__name__ + "_")}
+    return {m for c in ctypes_classes() for m in members(c) if m.__name__.startswith(c.__name__ + "_")}
 
 
-def field_checks(cls: CType, tag: str, pyname: str, cpath: str, base: int,
-                 seen: set[CType]) -> Iterator[Check]:
+def field_checks(cls: CType, tag: str, pyname: str, cpath: str, base: int, seen: set[CType]) -> Iterator[Check]:
     """offsetof and sizeof of every field of cls at `base` in `tag`, descending into members.
 
     `cpath` is the C member path so far ("" or "hypercall."); ctypes anonymous members add no
@@ -110,8 +108,7 @@ def struct_checks(seen: set[CType]) -> Iterator[Check]:
         if cls in FLEXIBLE_ARRAYS:
             name, elem = FLEXIBLE_ARRAYS[cls]
             yield f"{cls.__name__}.{name} offset", f"offsetof({tag}, {name})", ctypes.sizeof(cls)
-            yield f"{cls.__name__}.{name}[] element size", f"sizeof((({tag} *)0)->{name}[0])", \
-                ctypes.sizeof(elem)
+            yield f"{cls.__name__}.{name}[] element size", f"sizeof((({tag} *)0)->{name}[0])", ctypes.sizeof(elem)
 
 
 def constants() -> dict[str, tuple[str, int]]:
@@ -132,22 +129,21 @@ def c_program(checks: list[Check], consts: dict[str, tuple[str, int]]) -> str:
     """C source printing one 'MISMATCH what: python=.. kernel=..' line per difference."""
     body = [f'\tCHECK("{what}: {expr}", {value}ULL, {expr});' for what, expr, value in checks]
     for macro, (pyname, value) in consts.items():
-        absent = ('\tprintf("ABSENT %s\\n");' if macro in NEWER_THAN_HEADERS
-                  else '\tMISSING("%s");') % macro
-        body += [f"#ifdef {macro}", f'\tCHECK("{pyname}: {macro}", {value}ULL, {macro});',
-                 "#else", absent, "#endif"]
-    return "\n".join([
-        *(f"#include <{h}>" for h in INCLUDES),
-        "static int bad, done;",
-        "#define CHECK(what, py, k) do { unsigned long long k_ = (k); done++; if ((py) != k_) {"
-        ' bad++; printf("MISMATCH %s: python=%llu (%#llx) kernel=%llu (%#llx)\\n",'
-        " what, (py), (py), k_, k_); } } while (0)",
-        '#define MISSING(m) do { bad++; printf("MISMATCH %s: not defined by the headers\\n", m); }'
-        " while (0)",
-        "int main(void)\n{",
-        *body,
-        '\tprintf("CHECKED %d\\n", done);\n\treturn bad != 0;\n}\n',
-    ])
+        absent = ('\tprintf("ABSENT %s\\n");' if macro in NEWER_THAN_HEADERS else '\tMISSING("%s");') % macro
+        body += [f"#ifdef {macro}", f'\tCHECK("{pyname}: {macro}", {value}ULL, {macro});', "#else", absent, "#endif"]
+    return "\n".join(
+        [
+            *(f"#include <{h}>" for h in INCLUDES),
+            "static int bad, done;",
+            "#define CHECK(what, py, k) do { unsigned long long k_ = (k); done++; if ((py) != k_) {"
+            ' bad++; printf("MISMATCH %s: python=%llu (%#llx) kernel=%llu (%#llx)\\n",'
+            " what, (py), (py), k_, k_); } } while (0)",
+            '#define MISSING(m) do { bad++; printf("MISMATCH %s: not defined by the headers\\n", m); } while (0)',
+            "int main(void)\n{",
+            *body,
+            '\tprintf("CHECKED %d\\n", done);\n\treturn bad != 0;\n}\n',
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +159,9 @@ def layout_report(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     checks, consts = list(struct_checks(set())), constants()
     src = tmp_path_factory.mktemp("uapi") / "uapi_layout.c"
     src.write_text(c_program(checks, consts))
-    cc = subprocess.run([gcc, "-std=gnu11", "-Wall", "-I", headers, src, "-o", src.with_suffix("")],
-                        capture_output=True, text=True)
+    cc = subprocess.run(
+        [gcc, "-std=gnu11", "-Wall", "-I", headers, src, "-o", src.with_suffix("")], capture_output=True, text=True
+    )
     if cc.returncode != 0:
         pytest.fail(f"{src} does not compile against {headers}:\n{cc.stderr}")
     out = subprocess.run([src.with_suffix("")], capture_output=True, text=True).stdout.splitlines()
@@ -177,8 +174,11 @@ def layout_report(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def mismatches(lines: list[str], of_structs: bool) -> list[str]:
     """The program's MISMATCH lines about structs (labels start with a class name) or constants."""
     structs = {c.__name__ for c in ctypes_classes()}
-    return [line for line in lines if line.startswith("MISMATCH ")
-            and (line.split()[1].split(".")[0] in structs) == of_structs]
+    return [
+        line
+        for line in lines
+        if line.startswith("MISMATCH ") and (line.split()[1].split(".")[0] in structs) == of_structs
+    ]
 
 
 def test_struct_layouts_match_headers(layout_report: list[str]) -> None:

@@ -37,7 +37,9 @@ def test_print_in_both_modes(kvm: Kvm, mode: str) -> None:
 def test_guest_assert_reports_line_and_values(kvm: Kvm) -> None:
     """A failed GUEST_ASSERT_EQ raises GuestAssertion naming assert_fail.S, its line, and 41 vs 42."""
     source = guest_image.bundled()["assert_fail"]
-    line = next(i for i, text in enumerate(source.read_text().splitlines(), 1) if text.strip().startswith("GUEST_ASSERT_EQ("))
+    line = next(
+        i for i, text in enumerate(source.read_text().splitlines(), 1) if text.strip().startswith("GUEST_ASSERT_EQ(")
+    )
     with boot("assert_fail", kvm) as m:
         with pytest.raises(GuestAssertion) as failure:
             m.run(timeout=5)

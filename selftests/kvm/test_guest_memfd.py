@@ -73,16 +73,34 @@ def madvise(addr: int, length: int, advice: int) -> None:
 
 def mbind(addr: int, length: int, mode: int, nodemask: int) -> None:
     mask = ctypes.c_ulong(nodemask)
-    _check(_libc.syscall(SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), ctypes.c_int(mode),
-                         ctypes.byref(mask) if nodemask else None, ctypes.c_ulong(MAX_NODE if nodemask else 0),
-                         ctypes.c_uint(0)), "mbind")
+    _check(
+        _libc.syscall(
+            SYS_MBIND,
+            ctypes.c_void_p(addr),
+            ctypes.c_ulong(length),
+            ctypes.c_int(mode),
+            ctypes.byref(mask) if nodemask else None,
+            ctypes.c_ulong(MAX_NODE if nodemask else 0),
+            ctypes.c_uint(0),
+        ),
+        "mbind",
+    )
 
 
 def get_mempolicy(addr: int) -> tuple[int, int]:
     """get_mempolicy(MPOL_F_ADDR): the (policy, nodemask) covering ``addr``."""
     policy, mask = ctypes.c_int(-1), ctypes.c_ulong(0)
-    _check(_libc.syscall(SYS_GET_MEMPOLICY, ctypes.byref(policy), ctypes.byref(mask), ctypes.c_ulong(MAX_NODE),
-                         ctypes.c_void_p(addr), ctypes.c_ulong(MPOL_F_ADDR)), "get_mempolicy")
+    _check(
+        _libc.syscall(
+            SYS_GET_MEMPOLICY,
+            ctypes.byref(policy),
+            ctypes.byref(mask),
+            ctypes.c_ulong(MAX_NODE),
+            ctypes.c_void_p(addr),
+            ctypes.c_ulong(MPOL_F_ADDR),
+        ),
+        "get_mempolicy",
+    )
     return policy.value, mask.value
 
 
@@ -128,11 +146,15 @@ def expect_sigbus(gmem: GuestMemfd, map_size: int, access: str, offset: int = 0)
     ``offset``) through a MAP_SHARED mapping of ``map_size`` bytes dies of SIGBUS."""
     proc = subprocess.run(
         [sys.executable, "-c", _FAULT_CHILD, str(gmem.fd), str(map_size), access, str(offset)],
-        pass_fds=(gmem.fd,), capture_output=True, text=True, timeout=60,
+        pass_fds=(gmem.fd,),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == -signal.SIGBUS, (
         f"{access} at {offset:#x} of a {map_size:#x}-byte mapping of a {gmem.size:#x}-byte guest_memfd: "
-        f"expected SIGBUS, child exited with {proc.returncode} {proc.stderr.strip()}")
+        f"expected SIGBUS, child exited with {proc.returncode} {proc.stderr.strip()}"
+    )
 
 
 # --- fixtures: the VM-type x flag-set matrix of mainline's test_guest_memfd() ------------------
@@ -244,15 +266,26 @@ def test_fallocate_unsupported_modes(gmem: GuestMemfd) -> None:
     accepted; plain allocation (mode 0), PUNCH_HOLE without KEEP_SIZE, COLLAPSE_RANGE, ZERO_RANGE
     and INSERT_RANGE are EOPNOTSUPP."""
     for mode in (0, 0x02, 0x08, 0x10, 0x20):
-        expect_failure(lambda: syscalls.fallocate(gmem.fd, mode, 0, PAGE_SIZE), f"fallocate mode {mode:#x}", errno.EOPNOTSUPP)
+        expect_failure(
+            lambda: syscalls.fallocate(gmem.fd, mode, 0, PAGE_SIZE), f"fallocate mode {mode:#x}", errno.EOPNOTSUPP
+        )
 
 
 def test_invalid_punch_hole(gmem: GuestMemfd) -> None:
     """guest_memfd_test.c: test_invalid_punch_hole(). PUNCH_HOLE with an offset or length that is
     not page aligned is EINVAL."""
-    cases = [(0, 1), (0, PAGE_SIZE - 1), (0, PAGE_SIZE + 1),
-             (1, 1), (1, PAGE_SIZE - 1), (1, PAGE_SIZE), (1, PAGE_SIZE + 1),
-             (PAGE_SIZE, 1), (PAGE_SIZE, PAGE_SIZE - 1), (PAGE_SIZE, PAGE_SIZE + 1)]
+    cases = [
+        (0, 1),
+        (0, PAGE_SIZE - 1),
+        (0, PAGE_SIZE + 1),
+        (1, 1),
+        (1, PAGE_SIZE - 1),
+        (1, PAGE_SIZE),
+        (1, PAGE_SIZE + 1),
+        (PAGE_SIZE, 1),
+        (PAGE_SIZE, PAGE_SIZE - 1),
+        (PAGE_SIZE, PAGE_SIZE + 1),
+    ]
     for offset, length in cases:
         expect_failure(lambda: gmem.punch_hole(offset, length), f"offset {offset:#x} length {length:#x}", errno.EINVAL)
 
@@ -315,8 +348,10 @@ def test_collapse(gmem_vm: Vm) -> None:
     pmd_file = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
     require(pmd_file.exists(), "transparent huge pages (CONFIG_TRANSPARENT_HUGEPAGE)")
     pmd_size = int(pmd_file.read_text())
-    with create(gmem_vm, MMAP | INIT_SHARED, pmd_size) as gmem, \
-            raw_map(2 * pmd_size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as reserved:
+    with (
+        create(gmem_vm, MMAP | INIT_SHARED, pmd_size) as gmem,
+        raw_map(2 * pmd_size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as reserved,
+    ):
         aligned = -(-reserved // pmd_size) * pmd_size
         with raw_map(pmd_size, PROT_RW, MAP_FIXED | mmap.MAP_SHARED, gmem.fd, aligned) as mem:
             assert mem % pmd_size == 0
@@ -394,4 +429,3 @@ def test_guest_memfd_guest(kvm: Kvm) -> None:
         result = m.run(timeout=5)
         assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"expected DONE, got {result}"
         assert host[:] == b"\x55" * PAGE_SIZE
-

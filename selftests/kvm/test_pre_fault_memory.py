@@ -109,14 +109,17 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int, left: int, expect: int = e
             err = e.errno or -1
         assert (req.size < prev) != (err != 0), (
             f"[{gpa:#x}, +{size:#x}): {'not ' if err else ''}expecting range.size to change on "
-            f"{'failure' if err else 'success'} ({errno.errorcode.get(err, err)}, {prev:#x} -> {req.size:#x})")
+            f"{'failure' if err else 'success'} ({errno.errorcode.get(err, err)}, {prev:#x} -> {req.size:#x})"
+        )
         if not (req.size if err == 0 else err == errno.EINTR):
             break
     assert req.size == left, f"[{gpa:#x}, +{size:#x}): completed with {req.size:#x} bytes left, expected {left:#x}"
     if left == 0:
         assert err == 0, f"[{gpa:#x}, +{size:#x}): {errno.errorcode.get(err, err)}"
     else:
-        assert err == expect, f"[{gpa:#x}, +{size:#x}): expected {errno.errorcode[expect]}, got {errno.errorcode.get(err, err)}"
+        assert err == expect, (
+            f"[{gpa:#x}, +{size:#x}): expected {errno.errorcode[expect]}, got {errno.errorcode.get(err, err)}"
+        )
 
 
 def expect_einval(vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> None:
@@ -129,7 +132,9 @@ def expect_einval(vcpu: Vcpu, gpa: int, size: int, flags: int = 0) -> None:
 
 
 @contextmanager
-def pre_fault_machine(kvm: Kvm, vm_type: VmType, private: bool, backing: Backing | None = None) -> Iterator[tuple[Machine, int]]:
+def pre_fault_machine(
+    kvm: Kvm, vm_type: VmType, private: bool, backing: Backing | None = None
+) -> Iterator[tuple[Machine, int]]:
     """__test_pre_fault_memory()'s VM: one vCPU, slot 10 of TEST_SIZE at the top of guest physical
     memory (guest_memfd-bound if ``private``), identity-mapped, guest loaded. Yields it and the GPA."""
     if vm_type != VmType.DEFAULT:

@@ -47,8 +47,6 @@ KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
 MOVE_DELETE_LOOPS = 3  # the kernel runs 10 by default; each loop sleeps ~0.4 s waiting for the vCPU
 
 
-
-
 def anonymous(size: int) -> tuple[mmap.mmap, int]:
     """An anonymous private mapping and its address (vm_userspace_mem_region_add's backing)."""
     m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -96,18 +94,28 @@ def test_invalid_memory_region_flags(kvm: Kvm) -> None:
             flag = 1 << bit
             if supported & flag and not v2_only & flag:
                 continue
-            expect_errno(errno.EINVAL, lambda: vm.set_user_memory_region(0, flag, 0, MEM_REGION_SIZE, addr),
-                         f"KVM_SET_USER_MEMORY_REGION with v2-only or unsupported flag {flag:#x}")
+            expect_errno(
+                errno.EINVAL,
+                lambda: vm.set_user_memory_region(0, flag, 0, MEM_REGION_SIZE, addr),
+                f"KVM_SET_USER_MEMORY_REGION with v2-only or unsupported flag {flag:#x}",
+            )
             if supported & flag:
                 continue
-            expect_errno(errno.EINVAL, lambda: vm.set_user_memory_region2(0, flag, 0, MEM_REGION_SIZE, addr),
-                         f"KVM_SET_USER_MEMORY_REGION2 with unsupported flag {flag:#x}")
+            expect_errno(
+                errno.EINVAL,
+                lambda: vm.set_user_memory_region2(0, flag, 0, MEM_REGION_SIZE, addr),
+                f"KVM_SET_USER_MEMORY_REGION2 with unsupported flag {flag:#x}",
+            )
         if supported & MemFlag.GUEST_MEMFD:
             with vm.create_guest_memfd(MEM_REGION_SIZE) as gmem:
                 for extra in (MemFlag.LOG_DIRTY_PAGES, MemFlag.READONLY):
-                    expect_errno(errno.EINVAL, lambda: vm.set_user_memory_region2(
-                        0, extra | MemFlag.GUEST_MEMFD, 0, MEM_REGION_SIZE, addr, gmem.fd, 0),
-                        f"{extra.name} on a guest_memfd slot")
+                    expect_errno(
+                        errno.EINVAL,
+                        lambda: vm.set_user_memory_region2(
+                            0, extra | MemFlag.GUEST_MEMFD, 0, MEM_REGION_SIZE, addr, gmem.fd, 0
+                        ),
+                        f"{extra.name} on a guest_memfd slot",
+                    )
     backing.close()
 
 
@@ -124,8 +132,11 @@ def test_add_max_memory_regions(kvm: Kvm, record_property: Callable[[str, object
         for slot in range(max_slots):
             vm.set_user_memory_region(slot, 0, slot * PAGE_SIZE, PAGE_SIZE, addr + slot * PAGE_SIZE)
         elapsed = time.perf_counter() - start
-        expect_errno(errno.EINVAL, lambda: vm.set_user_memory_region(
-            max_slots, 0, max_slots * PAGE_SIZE, PAGE_SIZE, extra_addr), "one slot past KVM_CAP_NR_MEMSLOTS")
+        expect_errno(
+            errno.EINVAL,
+            lambda: vm.set_user_memory_region(max_slots, 0, max_slots * PAGE_SIZE, PAGE_SIZE, extra_addr),
+            "one slot past KVM_CAP_NR_MEMSLOTS",
+        )
     mem.close()
     extra.close()
     record_property("memslots", max_slots)
@@ -146,8 +157,11 @@ def test_add_overlapping_memory_regions(vm: Vm) -> None:
         "around": (MEM_REGION_GPA - MEM_REGION_SIZE, 4 * MEM_REGION_SIZE),
     }
     for name, (gpa, size) in overlapping.items():
-        expect_errno(errno.EEXIST, lambda: vm.set_user_memory_region(MEM_REGION_SLOT + 1, 0, gpa, size, addr),
-                     f"slot overlapping the {name}")
+        expect_errno(
+            errno.EEXIST,
+            lambda: vm.set_user_memory_region(MEM_REGION_SLOT + 1, 0, gpa, size, addr),
+            f"slot overlapping the {name}",
+        )
     vm.set_user_memory_region(MEM_REGION_SLOT + 1, 0, MEM_REGION_GPA + 2 * MEM_REGION_SIZE, MEM_REGION_SIZE, addr)
     backing.close()
 
@@ -160,13 +174,19 @@ def test_add_overlapping_private_memory_regions(gmem_vm: Vm) -> None:
     vm, gmem_slot = gmem_vm, MemFlag.GUEST_MEMFD
     with vm.create_guest_memfd(MEM_REGION_SIZE * 4) as gmem:
         vm.set_user_memory_region2(MEM_REGION_SLOT, gmem_slot, MEM_REGION_GPA, MEM_REGION_SIZE * 2, 0, gmem.fd, 0)
-        vm.set_user_memory_region2(MEM_REGION_SLOT + 1, gmem_slot, MEM_REGION_GPA * 2, MEM_REGION_SIZE * 2,
-                                   0, gmem.fd, MEM_REGION_SIZE * 2)
+        vm.set_user_memory_region2(
+            MEM_REGION_SLOT + 1, gmem_slot, MEM_REGION_GPA * 2, MEM_REGION_SIZE * 2, 0, gmem.fd, MEM_REGION_SIZE * 2
+        )
         vm.set_user_memory_region2(MEM_REGION_SLOT, gmem_slot, MEM_REGION_GPA, 0, 0, NO_GUEST_MEMFD, 0)
-        for name, gpa in (("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE), ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE)):
-            expect_errno(errno.EEXIST, lambda: vm.set_user_memory_region2(
-                MEM_REGION_SLOT, gmem_slot, gpa, MEM_REGION_SIZE * 2, 0, gmem.fd, 0),
-                f"guest_memfd slot overlapping the {name} half of another")
+        for name, gpa in (
+            ("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE),
+            ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE),
+        ):
+            expect_errno(
+                errno.EEXIST,
+                lambda: vm.set_user_memory_region2(MEM_REGION_SLOT, gmem_slot, gpa, MEM_REGION_SIZE * 2, 0, gmem.fd, 0),
+                f"guest_memfd slot overlapping the {name} half of another",
+            )
 
 
 def bind_guest_memfd(vm: Vm, fd: int, offset: int = 0, size: int = MEM_REGION_SIZE) -> None:
@@ -201,10 +221,17 @@ def test_guest_memfd_offset_out_of_range(gmem_vm: Vm) -> None:
     end of the guest_memfd, or runs past it, is EINVAL; the last in-range window binds."""
     vm = gmem_vm
     with vm.create_guest_memfd(4 * MEM_REGION_SIZE) as gmem:
-        for offset, size in ((4 * MEM_REGION_SIZE, MEM_REGION_SIZE), (3 * MEM_REGION_SIZE + PAGE_SIZE, MEM_REGION_SIZE),
-                             (0, 5 * MEM_REGION_SIZE), (1 << 63, MEM_REGION_SIZE)):
-            expect_errno(errno.EINVAL, lambda: bind_guest_memfd(vm, gmem.fd, offset, size),
-                         f"offset {offset:#x} + size {size:#x} in a {gmem.size:#x}-byte guest_memfd")
+        for offset, size in (
+            (4 * MEM_REGION_SIZE, MEM_REGION_SIZE),
+            (3 * MEM_REGION_SIZE + PAGE_SIZE, MEM_REGION_SIZE),
+            (0, 5 * MEM_REGION_SIZE),
+            (1 << 63, MEM_REGION_SIZE),
+        ):
+            expect_errno(
+                errno.EINVAL,
+                lambda: bind_guest_memfd(vm, gmem.fd, offset, size),
+                f"offset {offset:#x} + size {size:#x} in a {gmem.size:#x}-byte guest_memfd",
+            )
         bind_guest_memfd(vm, gmem.fd, 3 * MEM_REGION_SIZE)
 
 
@@ -345,7 +372,8 @@ def test_delete_memory_region(kvm: Kvm, zap_quirk_disabled: bool) -> None:
             if reason == ExitReason.INTERNAL_ERROR:  # on AMD a shutdown has already reset RIP
                 rip = m.vcpus[0].get_regs().rip
                 assert final_rip_start <= rip < final_rip_end, (
-                    f"RIP {rip:#x} outside the final spin [{final_rip_start:#x}, {final_rip_end:#x})")
+                    f"RIP {rip:#x} outside the final spin [{final_rip_start:#x}, {final_rip_end:#x})"
+                )
 
 
 # --- the private-memory cases on the VM the kernel uses for them ---------------------------------
@@ -362,8 +390,14 @@ def test_delete_memory_region(kvm: Kvm, zap_quirk_disabled: bool) -> None:
 PRIVATE_TIMEOUT = 60.0
 
 
-def bind(vm: Vm, fd: int, offset: int = 0, slot: int = MEM_REGION_SLOT, gpa: int = MEM_REGION_GPA,
-         size: int = MEM_REGION_SIZE) -> None:
+def bind(
+    vm: Vm,
+    fd: int,
+    offset: int = 0,
+    slot: int = MEM_REGION_SLOT,
+    gpa: int = MEM_REGION_GPA,
+    size: int = MEM_REGION_SIZE,
+) -> None:
     """vm_set_user_memory_region2(vm, slot, KVM_MEM_GUEST_MEMFD, gpa, size, 0, fd, offset)."""
     vm.set_user_memory_region2(slot, MemFlag.GUEST_MEMFD, gpa, size, 0, fd, offset)
 
@@ -434,17 +468,28 @@ def test_add_overlapping_private_memory_regions_sw_protected(private_kvm: Kvm) -
         bind(vm, gmem.fd, 0, MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE * 2)
         bind(vm, gmem.fd, MEM_REGION_SIZE * 2, MEM_REGION_SLOT + 1, MEM_REGION_GPA * 2, MEM_REGION_SIZE * 2)
         delete(vm, MEM_REGION_SLOT, MEM_REGION_GPA)
-        for half, gpa in (("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE), ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE)):
-            expect_errno(errno.EEXIST, lambda: bind(vm, gmem.fd, 0, MEM_REGION_SLOT, gpa, MEM_REGION_SIZE * 2),
-                         f"Overlapping guest_memfd() bindings should fail with EEXIST ({half} half)")
+        for half, gpa in (
+            ("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE),
+            ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE),
+        ):
+            expect_errno(
+                errno.EEXIST,
+                lambda: bind(vm, gmem.fd, 0, MEM_REGION_SLOT, gpa, MEM_REGION_SIZE * 2),
+                f"Overlapping guest_memfd() bindings should fail with EEXIST ({half} half)",
+            )
 
         free_gpa = MEM_REGION_GPA * 4  # overlaps no memslot
-        for what, offset, size in (("all of", MEM_REGION_SIZE * 2, MEM_REGION_SIZE * 2),
-                                   ("the front half of", MEM_REGION_SIZE, MEM_REGION_SIZE * 2),
-                                   ("the back half of", MEM_REGION_SIZE * 3, MEM_REGION_SIZE),
-                                   ("one page of", MEM_REGION_SIZE * 4 - PAGE_SIZE, PAGE_SIZE)):
-            expect_errno(errno.EINVAL, lambda: bind(vm, gmem.fd, offset, MEM_REGION_SLOT, free_gpa, size),
-                         f"a binding of {what} slot 11's guest_memfd range")
+        for what, offset, size in (
+            ("all of", MEM_REGION_SIZE * 2, MEM_REGION_SIZE * 2),
+            ("the front half of", MEM_REGION_SIZE, MEM_REGION_SIZE * 2),
+            ("the back half of", MEM_REGION_SIZE * 3, MEM_REGION_SIZE),
+            ("one page of", MEM_REGION_SIZE * 4 - PAGE_SIZE, PAGE_SIZE),
+        ):
+            expect_errno(
+                errno.EINVAL,
+                lambda: bind(vm, gmem.fd, offset, MEM_REGION_SLOT, free_gpa, size),
+                f"a binding of {what} slot 11's guest_memfd range",
+            )
         bind(vm, gmem.fd, 0, MEM_REGION_SLOT, free_gpa, MEM_REGION_SIZE * 2)  # what slot 10 gave up
         delete(vm, MEM_REGION_SLOT + 1, MEM_REGION_GPA * 2)
         bind(vm, gmem.fd, MEM_REGION_SIZE * 2, MEM_REGION_SLOT + 1, free_gpa + MEM_REGION_SIZE * 2, MEM_REGION_SIZE * 2)

@@ -8,5 +8,16 @@ from .uapi import Cap, ExitReason, GmemFlag, MemFlag, VmType
 from .vcpu import Vcpu
 from .vm import Vm
 
-__all__ = ["Cap", "Exit", "ExitHandlers", "ExitReason", "GmemFlag", "GuestMemfd", "Kvm", "MemFlag", "Vcpu",
-           "Vm", "VmType"]
+__all__ = [
+    "Cap",
+    "Exit",
+    "ExitHandlers",
+    "ExitReason",
+    "GmemFlag",
+    "GuestMemfd",
+    "Kvm",
+    "MemFlag",
+    "Vcpu",
+    "Vm",
+    "VmType",
+]

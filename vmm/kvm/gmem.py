@@ -24,7 +24,9 @@ class GuestMemfd(KvmFd):
             syscalls.fallocate(self.fd, mode, offset, length)
         except OSError as e:
             names = [n for bit, n in ((1, "KEEP_SIZE"), (2, "PUNCH_HOLE")) if mode & bit] or ["0"]
-            raise self.error("fallocate", e.errno or 0, f"mode={'|'.join(names)}, offset={offset:#x}, len={length:#x}") from None
+            raise self.error(
+                "fallocate", e.errno or 0, f"mode={'|'.join(names)}, offset={offset:#x}, len={length:#x}"
+            ) from None
 
     def allocate(self, offset: int, length: int) -> None:
         """Allocate backing pages (fallocate KEEP_SIZE): what a private fault would do."""

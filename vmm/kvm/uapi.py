@@ -25,9 +25,7 @@ KVMIO = 0xAE
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << _IOC_DIRSHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (
-        size << _IOC_SIZESHIFT
-    )
+    return (direction << _IOC_DIRSHIFT) | (KVMIO << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
 
 
 def _io(nr: int) -> int:
@@ -97,9 +95,7 @@ class kvm_enable_cap(ctypes.Structure):
 class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, c_uint64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 

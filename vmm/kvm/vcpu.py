@@ -24,7 +24,10 @@ KICK_SIGNAL = signal.SIGUSR1
 
 def _install_kick_handler() -> None:
     """A no-op handler so KICK_SIGNAL interrupts KVM_RUN with EINTR instead of killing the process."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+    if (
+        signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None)
+        and threading.current_thread() is threading.main_thread()
+    ):
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 

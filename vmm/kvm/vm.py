@@ -37,9 +37,7 @@ class Vm(KvmFd):
             req.args[i] = a
         self.ioctl(uapi.KVM_ENABLE_CAP, req)
 
-    def set_user_memory_region(
-        self, slot: int, flags: int, gpa: int, size: int, userspace_addr: int
-    ) -> None:
+    def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int, userspace_addr: int) -> None:
         """KVM_SET_USER_MEMORY_REGION (v1); size 0 deletes the slot."""
         self.ioctl(
             uapi.KVM_SET_USER_MEMORY_REGION,

@@ -7,5 +7,16 @@ from .convert import ConversionPolicy, Converter, Granularity
 from .faults import PrivateMemoryHandlers
 from .regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
 
-__all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "AttributeMap", "Backing", "ConversionPolicy", "Converter", "Granularity",
-           "GuestMemory", "HugePages", "PrivateMemoryHandlers", "Region"]
+__all__ = [
+    "HUGE_PAGE_SIZE",
+    "PAGE_SIZE",
+    "AttributeMap",
+    "Backing",
+    "ConversionPolicy",
+    "Converter",
+    "Granularity",
+    "GuestMemory",
+    "HugePages",
+    "PrivateMemoryHandlers",
+    "Region",
+]

@@ -28,7 +28,6 @@ class Granularity(str, Enum):
     HUGE = "2m"  # 2M-aligned ranges only (refused, or widened when the caller asks)
 
 
-
 @dataclass
 class ConversionPolicy:
     """How conversions are done: granularity, widening, and discard (off only to show the double)."""
@@ -105,7 +104,9 @@ class Converter:
         converter's for this call."""
         policy = policy or self.policy
         if not self.supported & KVM_MEMORY_ATTRIBUTE_PRIVATE:
-            raise ConversionError("this VM does not support KVM_MEMORY_ATTRIBUTE_PRIVATE (needs KVM_X86_SW_PROTECTED_VM)")
+            raise ConversionError(
+                "this VM does not support KVM_MEMORY_ATTRIBUTE_PRIVATE (needs KVM_X86_SW_PROTECTED_VM)"
+            )
         gpa, size = self.align(gpa, size, policy)
         pieces = list(self.regions(gpa, size, need_gmem=True))
         attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0
@@ -156,8 +157,10 @@ class Converter:
     def map_state(self, gpa: int, around: int = 4 * PAGE_SIZE) -> str:
         """The attribute ranges near ``gpa``, for error messages."""
         start = max(0, gpa - around)
-        parts = [f"[{s:#x}, {e:#x}) {'private' if v & KVM_MEMORY_ATTRIBUTE_PRIVATE else 'shared'}"
-                 for s, e, v in self.attributes.ranges(start, gpa + around)]
+        parts = [
+            f"[{s:#x}, {e:#x}) {'private' if v & KVM_MEMORY_ATTRIBUTE_PRIVATE else 'shared'}"
+            for s, e, v in self.attributes.ranges(start, gpa + around)
+        ]
         return "; ".join(parts)
 
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 MAX_REPEATS = 3  # the same fault this many times with no conversion in between is a bug, not a race
 
 
-
 @dataclass
 class PrivateExitCounts:
     """What the handlers saw: faults (and the stale ones among them), hypercalls, refusals."""
@@ -76,8 +75,9 @@ class PrivateMemoryHandlers(ExitHandlers):
             try:
                 conv.convert(exit.gpa, exit.size, want, self.policy_for.get(vcpu.id))
             except ConversionError as e:
-                raise MemoryFaultError(f"vCPU {vcpu.id}: cannot resolve {exit}: {e}\n  map: "
-                                       f"{conv.map_state(exit.gpa)}") from None
+                raise MemoryFaultError(
+                    f"vCPU {vcpu.id}: cannot resolve {exit}: {e}\n  map: {conv.map_state(exit.gpa)}"
+                ) from None
             self._last_fault.pop(vcpu.id, None)
             return True
 

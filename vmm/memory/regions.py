@@ -159,7 +159,9 @@ class GuestMemory:
             if backing is not Backing.SHARED:
                 if gmem is None:
                     if gmem_flags is None:
-                        gmem_flags = int(GmemFlag.MMAP | GmemFlag.INIT_SHARED) if backing is Backing.GUEST_MEMFD_ONLY else 0
+                        gmem_flags = (
+                            int(GmemFlag.MMAP | GmemFlag.INIT_SHARED) if backing is Backing.GUEST_MEMFD_ONLY else 0
+                        )
                     gmem = self.vm.create_guest_memfd(size, gmem_flags)
                 region.gmem = gmem
                 region.flags |= MemFlag.GUEST_MEMFD
@@ -207,8 +209,13 @@ class GuestMemory:
         """Move a memslot to ``new_gpa`` keeping its contents (KVM refuses this for guest_memfd slots)."""
         region = self.by_slot(slot)
         self.vm.set_user_memory_region2(
-            slot, region.flags, new_gpa, region.size, region.userspace_addr,
-            region.gmem.fd if region.gmem else 0, region.gmem_offset,
+            slot,
+            region.flags,
+            new_gpa,
+            region.size,
+            region.userspace_addr,
+            region.gmem.fd if region.gmem else 0,
+            region.gmem_offset,
         )
         i = self.regions.index(region)
         del self.regions[i], self._starts[i]
@@ -287,7 +294,9 @@ def _shared_memfd(size: int, hugepages: HugePages) -> tuple[int, mmap.mmap]:
     except OSError as e:
         os.close(fd)
         if hugepages is HugePages.HUGETLB:
-            raise VmmError(f"hugetlb memfd of {size:#x} bytes: {os.strerror(e.errno or 0)} (free 2M hugepages?)") from None
+            raise VmmError(
+                f"hugetlb memfd of {size:#x} bytes: {os.strerror(e.errno or 0)} (free 2M hugepages?)"
+            ) from None
         raise
     if hugepages is HugePages.THP:
         m.madvise(mmap.MADV_HUGEPAGE)

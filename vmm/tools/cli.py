@@ -74,8 +74,10 @@ def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
     vm_type_name = "sw_protected" if private else "default"
     with kvm.create_vm(VmType.SW_PROTECTED if private else VmType.DEFAULT) as probe:
         if not probe.check_extension(Cap.GUEST_MEMFD):
-            fail(f"--backing {backing} needs KVM_CAP_GUEST_MEMFD on a {vm_type_name} VM"
-                 + ("" if private else "; try --vm-type sw_protected"))
+            fail(
+                f"--backing {backing} needs KVM_CAP_GUEST_MEMFD on a {vm_type_name} VM"
+                + ("" if private else "; try --vm-type sw_protected")
+            )
         flags = probe.check_extension(Cap.GUEST_MEMFD_FLAGS)
     both = GmemFlag.MMAP | GmemFlag.INIT_SHARED
     if backing == Backing.GUEST_MEMFD_ONLY and flags & both != both:
@@ -86,18 +88,45 @@ def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
 @click.argument("guest_spec", metavar="GUEST", default="hello")
 @click.option("--mem", "mem", default="4M", show_default=True, help="Guest memory (slot 0), e.g. 4M, 64M.")
 @click.option("--vcpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default: the guest's header).")
-@click.option("--backing", type=click.Choice(BACKINGS), default="auto", show_default=True,
-              help="auto: guest_memfd-only when the host can mmap guest_memfd, else guest_memfd.")
-@click.option("--mode", type=click.Choice(["real", "long"]), default=None, help="CPU mode (default: the guest's header).")
-@click.option("--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables.")
+@click.option(
+    "--backing",
+    type=click.Choice(BACKINGS),
+    default="auto",
+    show_default=True,
+    help="auto: guest_memfd-only when the host can mmap guest_memfd, else guest_memfd.",
+)
+@click.option(
+    "--mode", type=click.Choice(["real", "long"]), default=None, help="CPU mode (default: the guest's header)."
+)
+@click.option(
+    "--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables."
+)
 @click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds before the guest is stopped.")
-@click.option("--vm-type", type=click.Choice(["default", "sw_protected"]), default=None,
-              help="KVM VM type (default: the guest's header); sw_protected adds private-capable memory.")
-@click.option("--private-mem", default="8M", show_default=True,
-              help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.")
-def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str | None, page_size: str,
-         arg: str, timeout: float, vm_type: str | None, private_mem: str) -> None:
+@click.option(
+    "--vm-type",
+    type=click.Choice(["default", "sw_protected"]),
+    default=None,
+    help="KVM VM type (default: the guest's header); sw_protected adds private-capable memory.",
+)
+@click.option(
+    "--private-mem",
+    default="8M",
+    show_default=True,
+    help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.",
+)
+def boot(
+    guest_spec: str,
+    mem: str,
+    vcpus: int | None,
+    backing: str,
+    mode: str | None,
+    page_size: str,
+    arg: str,
+    timeout: float,
+    vm_type: str | None,
+    private_mem: str,
+) -> None:
     """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
     size = parse_size(mem)
     if size % PAGE_SIZE:
@@ -115,8 +144,10 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
         fail(f"--private-mem {private_mem} is not a positive multiple of 2M")
     with Kvm() as kvm:
         if private and not private_memory(kvm):
-            fail(f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
-                 "nested test kernel (`vmm nested`, see README)")
+            fail(
+                f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
+                "nested test kernel (`vmm nested`, see README)"
+            )
         vm_private = private  # the VM type; `private` alone means the guest wants a private data region
         if backing == "auto":
             backing, vm_private = auto_backing(kvm, private)
@@ -128,9 +159,11 @@ def boot(guest_spec: str, mem: str, vcpus: int | None, backing: str, mode: str |
             click.echo(f"guest[{vcpu_id}]: {text}" if n > 1 else f"guest: {text}")
 
         syncs: list[Ucall] = []
-        click.echo(f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
-                   f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
-                   f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})")
+        click.echo(
+            f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
+            f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
+            f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})"
+        )
         vm_kind = VmType.SW_PROTECTED if vm_private else VmType.DEFAULT
         with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
             if private:
@@ -168,22 +201,28 @@ def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Uca
     for s in syncs:
         click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
     region = m.memory.region_at(0)
-    click.echo(f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
-               f"guest_memfd {human_size(region.private_allocated())} resident")
+    click.echo(
+        f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
+        f"guest_memfd {human_size(region.private_allocated())} resident"
+    )
     if m.converter is not None:
         st = m.converter.stats
-        click.echo(f"    private   {st.conversions} conversions ({human_size(st.bytes_to_private)} to private, "
-                   f"{human_size(st.bytes_to_shared)} to shared); now shared "
-                   f"{human_size(m.converter.shared_allocated())}, private {human_size(m.converter.private_allocated())}")
+        click.echo(
+            f"    private   {st.conversions} conversions ({human_size(st.bytes_to_private)} to private, "
+            f"{human_size(st.bytes_to_shared)} to shared); now shared "
+            f"{human_size(m.converter.shared_allocated())}, private {human_size(m.converter.private_allocated())}"
+        )
 
 
 def _accounting(m: Machine, uc: Ucall) -> None:
     """Per-step line for private guests: bytes held by each backing, conversions, exits so far."""
     conv = m.converter
     assert conv is not None
-    click.echo(f"    step {uc.stage}: shared {human_size(conv.shared_allocated())}, private "
-               f"{human_size(conv.private_allocated())}, conversions {conv.stats.conversions}, "
-               f"exits: {_exit_summary(_exit_counts(m))}")
+    click.echo(
+        f"    step {uc.stage}: shared {human_size(conv.shared_allocated())}, private "
+        f"{human_size(conv.private_allocated())}, conversions {conv.stats.conversions}, "
+        f"exits: {_exit_summary(_exit_counts(m))}"
+    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -198,15 +237,28 @@ def selftest(pytest_args: tuple[str, ...]) -> None:
 
 
 @cli.command("nested", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--kernel", default=None, help="bzImage to boot (default: $VMM_TEST_KERNEL, cached build, ../shared/kernels).")
+@click.option(
+    "--kernel", default=None, help="bzImage to boot (default: $VMM_TEST_KERNEL, cached build, ../shared/kernels)."
+)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
 @click.option("--timeout", type=float, default=1800.0, show_default=True, help="Seconds for the whole nested run.")
-@click.option("--command", "command", default=None, metavar="SHELL_COMMAND",
-              help="Run this shell command inside (in the checkout, venv first on PATH) instead of pytest.")
+@click.option(
+    "--command",
+    "command",
+    default=None,
+    metavar="SHELL_COMMAND",
+    help="Run this shell command inside (in the checkout, venv first on PATH) instead of pytest.",
+)
 @click.option("--results", default=None, metavar="DIR", help="Results folder, emptied first [default: results/nested].")
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
-def nested_cmd(kernel: str | None, accel: str, timeout: float, command: str | None, results: str | None,
-               pytest_args: tuple[str, ...]) -> None:
+def nested_cmd(
+    kernel: str | None,
+    accel: str,
+    timeout: float,
+    command: str | None,
+    results: str | None,
+    pytest_args: tuple[str, ...],
+) -> None:
     """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests (or a command) inside.
 
     Exit status: 0 passed, 1 tests (or the command) failed, 2 usage or set-up error, 3 the run
@@ -220,8 +272,9 @@ def nested_cmd(kernel: str | None, accel: str, timeout: float, command: str | No
         click.echo(line)
 
     path = nested.find_kernel(kernel)
-    res = nested.run_nested(path, accel, timeout, list(pytest_args), echo=echo, command=command,
-                            results=Path(results) if results else None)
+    res = nested.run_nested(
+        path, accel, timeout, list(pytest_args), echo=echo, command=command, results=Path(results) if results else None
+    )
     click.echo(nested.summary(res))
     if res.boot_attempts > 1:
         click.echo("  the first boot hung before init and was retried")
@@ -241,10 +294,21 @@ def bench() -> None:
 
 
 @bench.command("exits")
-@click.option("--exits", "n", type=click.IntRange(1), default=bench_exits.DEFAULT_EXITS, show_default=True,
-              help="SYNC ucalls per run.")
-@click.option("--repeats", type=click.IntRange(1), default=bench_exits.DEFAULT_REPEATS, show_default=True,
-              help="Runs of each loop, interleaved.")
+@click.option(
+    "--exits",
+    "n",
+    type=click.IntRange(1),
+    default=bench_exits.DEFAULT_EXITS,
+    show_default=True,
+    help="SYNC ucalls per run.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=bench_exits.DEFAULT_REPEATS,
+    show_default=True,
+    help="Runs of each loop, interleaved.",
+)
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
 @click.option("--check", is_flag=True, help="Exit 1 when the ratio is above the target.")
 def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) -> None:
@@ -259,22 +323,46 @@ def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) ->
 
 @bench.command("conversions")
 @click.option("--size", default="1G", show_default=True, help="Guest-driven sweep size (multiple of 2M).")
-@click.option("--size-4k", default=None,
-              help="Smaller size for the 4K sweep only; its exits are scaled to --size (labelled).")
+@click.option(
+    "--size-4k", default=None, help="Smaller size for the 4K sweep only; its exits are scaled to --size (labelled)."
+)
 @click.option("--peak-size", default="256M", show_default=True, help="Populated region of the peak-allocation sweeps.")
-@click.option("--repeats", type=click.IntRange(1), default=bench_conversions.DEFAULT_REPEATS, show_default=True,
-              help="Runs of the C test and of our port.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=bench_conversions.DEFAULT_REPEATS,
+    show_default=True,
+    help="Runs of the C test and of our port.",
+)
 @click.option("--sweep-repeats", type=click.IntRange(1), default=1, show_default=True, help="Runs of each sweep.")
-@click.option("--c-test", default=None, metavar="PATH",
-              help="C private_mem_conversions_test [default: ~/.cache/vmm/kselftests/private_mem_conversions_test].")
+@click.option(
+    "--c-test",
+    default=None,
+    metavar="PATH",
+    help="C private_mem_conversions_test [default: ~/.cache/vmm/kselftests/private_mem_conversions_test].",
+)
 @click.option("--skip", multiple=True, type=click.Choice(bench_conversions.PARTS), help="Leave a part out.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=bench_conversions.DEFAULT_TIMEOUT,
-              show_default=True, help="Seconds per sweep direction.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=bench_conversions.DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds per sweep direction.",
+)
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
 @click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
-def bench_conversions_cmd(size: str, size_4k: str | None, peak_size: str, repeats: int, sweep_repeats: int,
-                          c_test: str | None, skip: tuple[str, ...], timeout: float, json_path: str | None,
-                          check: bool) -> None:
+def bench_conversions_cmd(
+    size: str,
+    size_4k: str | None,
+    peak_size: str,
+    repeats: int,
+    sweep_repeats: int,
+    c_test: str | None,
+    skip: tuple[str, ...],
+    timeout: float,
+    json_path: str | None,
+    check: bool,
+) -> None:
     """Conversions/s and exits per MiB at 4K and 2M, peak allocation, C test vs our port (needs private memory)."""
     result = bench_conversions.run_conversion_bench(
         size=parse_size(size),

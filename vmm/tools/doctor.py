@@ -18,10 +18,27 @@ from vmm.kvm.uapi import Cap, GmemFlag, VmType, enum_name
 from . import nested
 
 # capabilities this project relies on, and the fd on which the answer means something
-SYSTEM_CAPS = (Cap.USER_MEMORY, Cap.NR_MEMSLOTS, Cap.MAX_VCPUS, Cap.IMMEDIATE_EXIT, Cap.VM_TYPES,
-               Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO, Cap.EXIT_HYPERCALL)
-VM_CAPS = (Cap.GUEST_MEMFD, Cap.GUEST_MEMFD_FLAGS, Cap.MEMORY_ATTRIBUTES, Cap.PRE_FAULT_MEMORY,
-           Cap.USER_MEMORY2, Cap.MEMORY_FAULT_INFO, Cap.NR_MEMSLOTS, Cap.READONLY_MEM)
+SYSTEM_CAPS = (
+    Cap.USER_MEMORY,
+    Cap.NR_MEMSLOTS,
+    Cap.MAX_VCPUS,
+    Cap.IMMEDIATE_EXIT,
+    Cap.VM_TYPES,
+    Cap.USER_MEMORY2,
+    Cap.MEMORY_FAULT_INFO,
+    Cap.EXIT_HYPERCALL,
+)
+VM_CAPS = (
+    Cap.GUEST_MEMFD,
+    Cap.GUEST_MEMFD_FLAGS,
+    Cap.MEMORY_ATTRIBUTES,
+    Cap.PRE_FAULT_MEMORY,
+    Cap.USER_MEMORY2,
+    Cap.MEMORY_FAULT_INFO,
+    Cap.NR_MEMSLOTS,
+    Cap.READONLY_MEM,
+)
+
 
 @dataclass(frozen=True)
 class Group:
@@ -46,13 +63,20 @@ def _toolchain(kvm: Kvm) -> tuple[bool, str]:
 
 GROUPS = (
     Group("uapi layout vs kernel headers", "harness/test_uapi_layout.py", _toolchain),
-    Group("guest_memfd", "kvm/test_guest_memfd.py", lambda k: (k.check_extension(Cap.GUEST_MEMFD) > 0, "KVM_CAP_GUEST_MEMFD")),
+    Group(
+        "guest_memfd",
+        "kvm/test_guest_memfd.py",
+        lambda k: (k.check_extension(Cap.GUEST_MEMFD) > 0, "KVM_CAP_GUEST_MEMFD"),
+    ),
     Group("guest_memfd mmap / guest_memfd-only slots", "kvm/test_guest_memfd.py", _flag(GmemFlag.MMAP)),
     Group("memslots", "kvm/test_set_memory_region.py", _always),
     Group("CPU modes, ucall, exits", "harness/test_cpu_modes.py test_ucall.py test_exits.py", _always),
     Group("hypercall exits", "harness/test_exits.py", hypercall_exits),
-    Group("private memory", "kvm/x86/test_private_mem_*.py harness/test_conversion_*.py",
-          lambda k: (private_memory(k), PRIVATE_MEM_REASON)),
+    Group(
+        "private memory",
+        "kvm/x86/test_private_mem_*.py harness/test_conversion_*.py",
+        lambda k: (private_memory(k), PRIVATE_MEM_REASON),
+    ),
 )
 
 
@@ -91,7 +115,12 @@ def report(kvm: Kvm) -> dict:
         "private_memory": {"available": private_memory(kvm), "needs": PRIVATE_MEM_REASON},
         "selftest_groups": groups,
         "guest_toolchain_missing": image.toolchain_missing(),
-        "nested": {"available": nested_ok, "why": nested_why, "accel": nested.choose_accel("auto")[2], "kernel": kernel},
+        "nested": {
+            "available": nested_ok,
+            "why": nested_why,
+            "accel": nested.choose_accel("auto")[2],
+            "kernel": kernel,
+        },
     }
 
 
@@ -107,8 +136,12 @@ def _vm_label(t: int) -> str:
 
 def render(r: dict) -> str:
     """The human-readable doctor report."""
-    out = [f"kernel            {r['kernel']}", f"KVM API version   {r['kvm_api_version']}",
-           f"VM types          {', '.join(r['vm_types'])}", ""]
+    out = [
+        f"kernel            {r['kernel']}",
+        f"KVM API version   {r['kvm_api_version']}",
+        f"VM types          {', '.join(r['vm_types'])}",
+        "",
+    ]
     columns = ["/dev/kvm"] + sorted({k for v in r["capabilities"].values() for k in v if k != "/dev/kvm"})
     out.append(f"{'capability':28}" + "".join(f"{c:>18}" for c in columns))
     for name, answers in r["capabilities"].items():
@@ -117,8 +150,14 @@ def render(r: dict) -> str:
     out.append("")
     out.append(f"guest_memfd flags {', '.join(r['guest_memfd_flags']) or 'none (KVM_CAP_GUEST_MEMFD_FLAGS is 0)'}")
     pm = r["private_memory"]
-    out.append("private memory    " + ("yes (KVM_X86_SW_PROTECTED_VM)" if pm["available"]
-               else f"no: needs {pm['needs']}; run those tests with `vmm nested`"))
+    out.append(
+        "private memory    "
+        + (
+            "yes (KVM_X86_SW_PROTECTED_VM)"
+            if pm["available"]
+            else f"no: needs {pm['needs']}; run those tests with `vmm nested`"
+        )
+    )
     out.append("")
     out.append("selftest groups")
     for g in r["selftest_groups"]:
@@ -126,7 +165,14 @@ def render(r: dict) -> str:
         out.append(f"  {g['group']:44} {state}")
     missing = r["guest_toolchain_missing"]
     out.append("")
-    out.append("guest toolchain   " + ("cpp, as, ld, objcopy found" if not missing else f"missing {', '.join(missing)} (bundled .bin files are used)"))
+    out.append(
+        "guest toolchain   "
+        + (
+            "cpp, as, ld, objcopy found"
+            if not missing
+            else f"missing {', '.join(missing)} (bundled .bin files are used)"
+        )
+    )
     n = r["nested"]
     out.append(f"nested virt       {'yes' if n['available'] else 'no'} ({n['why']})")
     out.append(f"vmm nested uses   {n['accel']}; kernel {n['kernel']}")

@@ -46,7 +46,9 @@ def host_check(m: Machine, uc: Ucall) -> None:
         data = bytes(view)
         if data.count(expected) != len(data):
             bad = next(i for i, b in enumerate(data) if b != expected)
-            pytest.fail(f"vCPU {uc.vcpu_id}: host expected {expected:#x} at gpa {piece_gpa + bad:#x}, got {data[bad]:#x}")
+            pytest.fail(
+                f"vCPU {uc.vcpu_id}: host expected {expected:#x} at gpa {piece_gpa + bad:#x}, got {data[bad]:#x}"
+            )
         if kind == SYNC_SHARED:
             view[:] = bytes([new]) * len(view)
 

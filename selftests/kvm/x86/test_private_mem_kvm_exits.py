@@ -135,8 +135,10 @@ def test_memslot_not_private_is_a_clear_error(private_kvm: Kvm) -> None:
         with pytest.raises(MemoryFaultError) as e:
             m.run(timeout=TIMEOUT)
         message = str(e.value)
-        fault = f"KVM_EXIT_MEMORY_FAULT private flags={KVM_MEMORY_EXIT_FLAG_PRIVATE:#x} " \
-                f"gpa={EXITS_TEST_GPA:#x} size={EXITS_TEST_SIZE:#x}"
+        fault = (
+            f"KVM_EXIT_MEMORY_FAULT private flags={KVM_MEMORY_EXIT_FLAG_PRIVATE:#x} "
+            f"gpa={EXITS_TEST_GPA:#x} size={EXITS_TEST_SIZE:#x}"
+        )
         assert fault in message, message
         assert "map: [" in message and "shared" in message.split("map: ")[1], message
         assert 1 <= handlers.counts.memory_faults <= MAX_REPEATS, handlers.counts

@@ -108,14 +108,16 @@ def run_sweep(kvm: Kvm, image: GuestImage, size: int, unit: int, timeout: float)
             if conv.is_private(BASE, size) is not to_private:
                 want = "private" if to_private else "shared"
                 raise VmmError(f"{GUEST}: after stage {stage} the data is not all {want}")
-            phases.append({
-                "to": "private" if to_private else "shared",
-                "seconds": seconds,
-                "cpu_seconds": cpu_seconds,
-                "conversions": conv.stats.conversions - conversions,
-                "hypercall_exits": counts[_HYPERCALL] - hypercalls,
-                "exits": sum(counts) - exits,
-            })
+            phases.append(
+                {
+                    "to": "private" if to_private else "shared",
+                    "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "conversions": conv.stats.conversions - conversions,
+                    "hypercall_exits": counts[_HYPERCALL] - hypercalls,
+                    "exits": sum(counts) - exits,
+                }
+            )
         uc = run(timeout=timeout)
         if not (isinstance(uc, Ucall) and uc.cmd == UcallCmd.DONE):
             raise VmmError(f"{GUEST}: expected GUEST_DONE, got {uc}")
@@ -166,7 +168,6 @@ def populated(kvm: Kvm, size: int, policy: ConversionPolicy) -> Machine:
         m.close()
         raise
     return m
-
 
 
 def run_peak(kvm: Kvm, size: int, unit: int, discard: bool) -> dict:
@@ -238,15 +239,17 @@ def run_port(kvm: Kvm, port: Callable[[Kvm, int, int], None]) -> dict:
 def run_compare(kvm: Kvm, binary: Path, repeats: int) -> dict:
     """The C private_mem_conversions_test against our port: medians of interleaved runs."""
     if not binary.is_file() or not os.access(binary, os.X_OK):
-        raise VmmError(f"C test {binary} not found: build it with scripts/build-kernel-selftests "
-                       "(or pass --c-test PATH, or --skip compare)")
+        raise VmmError(
+            f"C test {binary} not found: build it with scripts/build-kernel-selftests "
+            "(or pass --c-test PATH, or --skip compare)"
+        )
     port = load_port()
     # one untimed run of each first: cold caches (in the nested kernel, every first file access
     # goes over 9p) would otherwise land on whichever runs first
     warmup = [run_c_test(binary), run_port(kvm, port)]
     runs: list[dict] = []
     for r in range(repeats):
-        for impl in (("c", "python") if r % 2 == 0 else ("python", "c")):
+        for impl in ("c", "python") if r % 2 == 0 else ("python", "c"):
             res = run_c_test(binary) if impl == "c" else run_port(kvm, port)
             res["round"] = r
             runs.append(res)
@@ -268,15 +271,25 @@ def run_compare(kvm: Kvm, binary: Path, repeats: int) -> dict:
 # --- the whole benchmark -----------------------------------------------------------------------
 
 
-def run_conversion_bench(size: int = DEFAULT_SIZE, size_4k: int | None = None, peak_size: int = DEFAULT_PEAK_SIZE,
-                         repeats: int = DEFAULT_REPEATS, sweep_repeats: int = 1, c_test: Path | None = None,
-                         skip: tuple[str, ...] = (), timeout: float = DEFAULT_TIMEOUT,
-                         checkpoint: Callable[[dict], None] | None = None) -> dict:
+def run_conversion_bench(
+    size: int = DEFAULT_SIZE,
+    size_4k: int | None = None,
+    peak_size: int = DEFAULT_PEAK_SIZE,
+    repeats: int = DEFAULT_REPEATS,
+    sweep_repeats: int = 1,
+    c_test: Path | None = None,
+    skip: tuple[str, ...] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+    checkpoint: Callable[[dict], None] | None = None,
+) -> dict:
     """Run the parts not in ``skip``; the result dict ``format_table`` prints and --json writes.
     ``checkpoint`` gets the result so far after each part ("complete" is False until the end)."""
     size_4k = size if size_4k is None else size_4k
-    for name, value, align in (("size", size, HUGE_PAGE_SIZE), ("size-4k", size_4k, PAGE_SIZE),
-                               ("peak-size", peak_size, HUGE_PAGE_SIZE)):
+    for name, value, align in (
+        ("size", size, HUGE_PAGE_SIZE),
+        ("size-4k", size_4k, PAGE_SIZE),
+        ("peak-size", peak_size, HUGE_PAGE_SIZE),
+    ):
         if value <= 0 or value % align:
             raise VmmError(f"--{name} {value:#x} is not a positive multiple of {align >> 10} KiB")
     if repeats < 1 or sweep_repeats < 1:
@@ -302,8 +315,19 @@ def run_conversion_bench(size: int = DEFAULT_SIZE, size_4k: int | None = None, p
     return result
 
 
-def _run_parts(kvm: Kvm, result: dict, size: int, size_4k: int, peak_size: int, repeats: int, sweep_repeats: int,
-               c_test: Path | None, skip: tuple[str, ...], timeout: float, save: Callable[[dict], None]) -> None:
+def _run_parts(
+    kvm: Kvm,
+    result: dict,
+    size: int,
+    size_4k: int,
+    peak_size: int,
+    repeats: int,
+    sweep_repeats: int,
+    c_test: Path | None,
+    skip: tuple[str, ...],
+    timeout: float,
+    save: Callable[[dict], None],
+) -> None:
     """The parts of run_conversion_bench, filling ``result`` and saving after each."""
     if "sweeps" not in skip:
         image = load_guest(GUEST)
@@ -325,8 +349,9 @@ def _run_parts(kvm: Kvm, result: dict, size: int, size_4k: int, peak_size: int, 
     if "peak" not in skip:
         peaks = []
         for discard in (True, False):
-            progress(f"peak: populated {peak_size / MiB:.0f} MiB, 2M host-driven sweep, "
-                     f"discard {'on' if discard else 'off'}")
+            progress(
+                f"peak: populated {peak_size / MiB:.0f} MiB, 2M host-driven sweep, discard {'on' if discard else 'off'}"
+            )
             peaks.append(run_peak(kvm, peak_size, HUGE_PAGE_SIZE, discard))
         result["peak"] = peaks
         save(result)
@@ -335,8 +360,6 @@ def _run_parts(kvm: Kvm, result: dict, size: int, size_4k: int, peak_size: int, 
         progress(f"C test {binary} vs our port, {repeats} runs each")
         result["compare"] = run_compare(kvm, binary, repeats)
         save(result)
-
-
 
 
 def format_table(result: dict) -> str:
@@ -364,28 +387,39 @@ def format_table(result: dict) -> str:
                 f"{s['exits_per_mib']:11.2f}{for_size:>20}"
             )
         verdict = "within target" if result["exit_ratio_within_target"] else "BELOW target"
-        lines.append(f"exits 4K/2M: {result['exit_ratio_4k_over_2m']:.0f}x fewer with 2M "
-                     f"(target >= {result['target_exit_ratio']:.0f}x: {verdict})")
+        lines.append(
+            f"exits 4K/2M: {result['exit_ratio_4k_over_2m']:.0f}x fewer with 2M "
+            f"(target >= {result['target_exit_ratio']:.0f}x: {verdict})"
+        )
         if sweeps["4K"]["exits_extrapolated"]:
-            lines.append(f"note: the 4K sweep covered {human_size(sweeps['4K']['size'])}; its exits for "
-                         f"{human_size(result['size'])} are scaled linearly (one exit per 4K page each way)")
+            lines.append(
+                f"note: the 4K sweep covered {human_size(sweeps['4K']['size'])}; its exits for "
+                f"{human_size(result['size'])} are scaled linearly (one exit per 4K page each way)"
+            )
     peaks = result.get("peak")
     if peaks:
-        lines.append(f"peak allocation, populated {human_size(peaks[0]['size'])} swept to private and back "
-                     f"in 2M host-driven steps (preallocate), shared + private:")
-        lines.append(f"{'discard':9}{'peak':>12}{'x size':>8}{'after ->private (sh/pr)':>26}"
-                     f"{'after ->shared (sh/pr)':>25}{'conv/s':>9}")
+        lines.append(
+            f"peak allocation, populated {human_size(peaks[0]['size'])} swept to private and back "
+            f"in 2M host-driven steps (preallocate), shared + private:"
+        )
+        lines.append(
+            f"{'discard':9}{'peak':>12}{'x size':>8}{'after ->private (sh/pr)':>26}"
+            f"{'after ->shared (sh/pr)':>25}{'conv/s':>9}"
+        )
         for p in peaks:
             ap, ash = p["after_to_private"], p["after_to_shared"]
             lines.append(
                 f"{'on' if p['discard'] else 'off':9}{human_size(p['peak_bytes']):>12}{p['peak_over_size']:8.2f}"
                 f"{human_size(ap['shared']) + ' / ' + human_size(ap['private']):>26}"
-                f"{human_size(ash['shared']) + ' / ' + human_size(ash['private']):>25}{p['host_conversions_per_s']:9.0f}"
+                f"{human_size(ash['shared']) + ' / ' + human_size(ash['private']):>25}"
+                f"{p['host_conversions_per_s']:9.0f}"
             )
     cmp = result.get("compare")
     if cmp:
-        lines.append(f"private_mem_conversions_test (1 vCPU, 1 memslot), wall time, {cmp['repeats']} runs each "
-                     "after a warm-up, interleaved")
+        lines.append(
+            f"private_mem_conversions_test (1 vCPU, 1 memslot), wall time, {cmp['repeats']} runs each "
+            "after a warm-up, interleaved"
+        )
         lines.append(f"{'':22}{'median':>9}{'min':>9}{'max':>9}")
         for impl, label in (("c", "C (kernel selftest)"), ("python", "vmm port")):
             xs = [x["seconds"] for x in cmp["runs"] if x["impl"] == impl]

@@ -98,8 +98,6 @@ def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     }
 
 
-
-
 def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -> dict:
     """Run C and Python ``repeats`` times each, interleaved; median µs/exit of each and their ratio.
 
@@ -111,8 +109,11 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
     with Kvm() as kvm, tempfile.NamedTemporaryFile(prefix="bench_exits.", suffix=".bin") as f:
         f.write(image.binary)  # exactly the bytes the Python side loads
         f.flush()
-        runs = interleaved(repeats, ("c", "python"),
-                           lambda impl: run_c(binary, f.name, exits) if impl == "c" else run_python(kvm, image, exits))
+        runs = interleaved(
+            repeats,
+            ("c", "python"),
+            lambda impl: run_c(binary, f.name, exits) if impl == "c" else run_python(kvm, image, exits),
+        )
     c, py = median(runs, "c", "us_per_exit"), median(runs, "python", "us_per_exit")
     c_cpu, py_cpu = median(runs, "c", "cpu_us_per_exit"), median(runs, "python", "cpu_us_per_exit")
     return {

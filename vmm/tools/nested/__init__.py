@@ -48,9 +48,25 @@ from .host import (
 from .init import ANCHOR_READY, INIT_MARK, POWEROFF_MARK, guest_env, init_script
 from .qemu import qemu_command, run_qemu
 
-__all__ = ["ANCHOR_READY", "INIT_MARK", "POWEROFF_MARK", "NestedResult", "Verdict", "cached_kernel", "choose_accel",
-           "find_kernel", "guest_env", "host", "init_script", "nested_virt_available", "qemu", "qemu_command",
-           "run_nested", "run_qemu", "summary"]
+__all__ = [
+    "ANCHOR_READY",
+    "INIT_MARK",
+    "POWEROFF_MARK",
+    "NestedResult",
+    "Verdict",
+    "cached_kernel",
+    "choose_accel",
+    "find_kernel",
+    "guest_env",
+    "host",
+    "init_script",
+    "nested_virt_available",
+    "qemu",
+    "qemu_command",
+    "run_nested",
+    "run_qemu",
+    "summary",
+]
 
 
 class Verdict(str, enum.Enum):
@@ -91,11 +107,20 @@ def _prepare_results(results: Path, checkout: Path) -> None:
     results.mkdir(parents=True)
 
 
-def run_nested(kernel: Path, accel: str = "auto", timeout_s: float = 1800.0,
-               pytest_args: Sequence[str] = (), checkout: Path = CHECKOUT, results: Path | None = None,
-               echo: Callable[[str], None] = print, extra_env: Mapping[str, str] | None = None,
-               memory: str = "4G", smp: int = 2, boot_timeout_s: float = 120.0,
-               command: str | None = None) -> NestedResult:
+def run_nested(
+    kernel: Path,
+    accel: str = "auto",
+    timeout_s: float = 1800.0,
+    pytest_args: Sequence[str] = (),
+    checkout: Path = CHECKOUT,
+    results: Path | None = None,
+    echo: Callable[[str], None] = print,
+    extra_env: Mapping[str, str] | None = None,
+    memory: str = "4G",
+    smp: int = 2,
+    boot_timeout_s: float = 120.0,
+    command: str | None = None,
+) -> NestedResult:
     """Boot kernel under QEMU, run pytest inside on the checkout, and collect what came back.
 
     ``command``: a shell command line to run instead of pytest (in the checkout, with the venv's
@@ -157,10 +182,19 @@ def run_nested(kernel: Path, accel: str = "auto", timeout_s: float = 1800.0,
     else:
         verdict = Verdict.PASSED if exit_status == 0 else Verdict.TESTS_FAILED
     return NestedResult(
-        verdict=verdict, exit_status=exit_status, wall_s=wall_s, boot_s=run.boot_s,
-        ktap=ktap if ktap.is_file() else None, junit=junit if junit.is_file() else None,
-        console_log=console, accel=accel_desc, panic_line=run.panic_line, qemu_status=run.qemu_status,
-        kernel_warnings=run.warnings, boot_attempts=attempt, command=command,
+        verdict=verdict,
+        exit_status=exit_status,
+        wall_s=wall_s,
+        boot_s=run.boot_s,
+        ktap=ktap if ktap.is_file() else None,
+        junit=junit if junit.is_file() else None,
+        console_log=console,
+        accel=accel_desc,
+        panic_line=run.panic_line,
+        qemu_status=run.qemu_status,
+        kernel_warnings=run.warnings,
+        boot_attempts=attempt,
+        command=command,
     )
 
 
@@ -184,6 +218,3 @@ def summary(res: NestedResult) -> str:
         Verdict.NO_RESULT: f"no result came back (QEMU exit status {res.qemu_status}; see {res.console_log})",
     }[res.verdict]
     return f"nested: FAILED: {why} {timing}"
-
-
-

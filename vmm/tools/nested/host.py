@@ -104,7 +104,11 @@ def ktap_plugin_args(python: Path, checkout: Path) -> list[str] | None:
         try:
             out = subprocess.run(
                 [str(python), "-m", "pytest", *extra, "--noconftest", "-p", "no:cacheprovider", "--help"],
-                cwd=checkout, env=env, capture_output=True, text=True, timeout=120,
+                cwd=checkout,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             ).stdout
         except (OSError, subprocess.TimeoutExpired):
             return None
@@ -116,5 +120,3 @@ def ktap_plugin_args(python: Path, checkout: Path) -> list[str] | None:
 def is_inside(path: Path, parent: Path) -> bool:
     """Whether path is parent or below it."""
     return path == parent or parent in path.parents
-
-

@@ -33,6 +33,7 @@ signal.pause()
 """
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+
 def guest_env(checkout: Path, python: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of the init script and pytest inside the guest."""
     env = {
@@ -54,8 +55,14 @@ def guest_env(checkout: Path, python: Path, extra: Mapping[str, str] | None = No
     return env
 
 
-def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequence[str],
-                env: Mapping[str, str], command: str | None = None) -> str:
+def init_script(
+    checkout: Path,
+    results: Path,
+    python: Path,
+    pytest_args: Sequence[str],
+    env: Mapping[str, str],
+    command: str | None = None,
+) -> str:
     """The guest's PID 1: mount, run pytest (or the shell ``command``), record its exit code, power off."""
     q = shlex.quote
     opts = f"trans=virtio,version=9p2000.L,msize={MSIZE},cache={CHECKOUT_CACHE}"
@@ -82,8 +89,10 @@ def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequen
         f"mount -t 9p -o {opts} checkout {q(str(checkout))} || fail 'mount checkout'",
     ]
     if not is_inside(results, checkout):
-        lines += [f"mkdir -p {q(str(results))} 2>/dev/null",
-                  f"mount -t 9p -o {opts} results {q(str(results))} || fail 'mount results'"]
+        lines += [
+            f"mkdir -p {q(str(results))} 2>/dev/null",
+            f"mount -t 9p -o {opts} results {q(str(results))} || fail 'mount results'",
+        ]
     run = command if command is not None else shlex.join([str(python), "-m", "pytest", *pytest_args])
     lines += [
         # the anchor VMs pin KVM's static keys (see ANCHOR_PY); started once the checkout (and so the
@@ -91,7 +100,7 @@ def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequen
         f"( {q(str(python))} -S -c {q(ANCHOR_PY)} || echo 'vmm-nested: warning: no anchor VM'; : > {ANCHOR_READY} ) &",
         f"cd {q(str(checkout))} || fail 'cd checkout'",
         f"i=0; while [ ! -e {ANCHOR_READY} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
-        "echo \"vmm-nested: $(uname -r), $(nproc) CPUs, /dev/kvm: $(ls /dev/kvm 2>&1)\"",
+        'echo "vmm-nested: $(uname -r), $(nproc) CPUs, /dev/kvm: $(ls /dev/kvm 2>&1)"',
         f"echo 'vmm-nested: running:' {q(run)}",
         run if command is None else f"( {command}\n)",  # a subshell: `exit` in the command ends only it
         "rc=$?",
@@ -101,5 +110,3 @@ def init_script(checkout: Path, results: Path, python: Path, pytest_args: Sequen
         "",
     ]
     return "\n".join(lines)
-
-

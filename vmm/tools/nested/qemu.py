@@ -21,22 +21,54 @@ WARN_MARK = re.compile(r"WARNING: CPU: \d+ PID: \d+|BUG: ")  # kernel splats wor
 TERMINAL_JUNK = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[^\[])|[\x00-\x08\x0b-\x1f\x7f]")  # SeaBIOS resets ttys
 
 
-def qemu_command(kernel: Path, accel_args: Sequence[str], cpu_args: Sequence[str], checkout: Path,
-                 results: Path, init: Path, memory: str = "4G", smp: int = 2) -> list[str]:
+def qemu_command(
+    kernel: Path,
+    accel_args: Sequence[str],
+    cpu_args: Sequence[str],
+    checkout: Path,
+    results: Path,
+    init: Path,
+    memory: str = "4G",
+    smp: int = 2,
+) -> list[str]:
     """The qemu-system-x86_64 command line: serial console on stdio, host root over 9p."""
-    append = " ".join([
-        "console=ttyS0", "panic=-1", "oops=panic", "loglevel=5",  # warnings and worse on the console
-        "raid=noautodetect",  # md autodetect waits for every device probe; one boot hung right there
-        "root=hostroot", "rootfstype=9p", f"rootflags=trans=virtio,version=9p2000.L,msize={MSIZE},cache=loose",
-        "ro", f"init={init}",
-    ])
+    append = " ".join(
+        [
+            "console=ttyS0",
+            "panic=-1",
+            "oops=panic",
+            "loglevel=5",  # warnings and worse on the console
+            "raid=noautodetect",  # md autodetect waits for every device probe; one boot hung right there
+            "root=hostroot",
+            "rootfstype=9p",
+            f"rootflags=trans=virtio,version=9p2000.L,msize={MSIZE},cache=loose",
+            "ro",
+            f"init={init}",
+        ]
+    )
     virtfs = "local,security_model=none,multidevs=remap"
     cmd = [
         # -nodefaults: no IDE CD-ROM, floppy or VGA to probe; the serial console comes back by hand
-        QEMU, "-m", memory, "-smp", str(smp), "-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
-        *accel_args, *cpu_args, "-kernel", str(kernel), "-append", append,
-        "-virtfs", f"{virtfs},path=/,mount_tag=hostroot,readonly=on",
-        "-virtfs", f"{virtfs},path={checkout},mount_tag=checkout",
+        QEMU,
+        "-m",
+        memory,
+        "-smp",
+        str(smp),
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        *accel_args,
+        *cpu_args,
+        "-kernel",
+        str(kernel),
+        "-append",
+        append,
+        "-virtfs",
+        f"{virtfs},path=/,mount_tag=hostroot,readonly=on",
+        "-virtfs",
+        f"{virtfs},path={checkout},mount_tag=checkout",
     ]
     if not is_inside(results, checkout):
         cmd += ["-virtfs", f"{virtfs},path={results},mount_tag=results"]
@@ -62,8 +94,9 @@ class _Boot:
     qemu_status: int | None = None  # None: killed
 
 
-def run_qemu(cmd: Sequence[str], deadline: float, boot_timeout_s: float, echo: Callable[[str], None],
-          log: IO[str]) -> _Boot:
+def run_qemu(
+    cmd: Sequence[str], deadline: float, boot_timeout_s: float, echo: Callable[[str], None], log: IO[str]
+) -> _Boot:
     """Run QEMU once: stream its console to echo and log, watch for init/panic, enforce deadlines."""
     start = time.monotonic()
     res, powering_off, expired = _Boot(), False, False
@@ -113,5 +146,3 @@ def run_qemu(cmd: Sequence[str], deadline: float, boot_timeout_s: float, echo: C
         res.qemu_status = None if killed else status
         reader.join(timeout=5)
     return res
-
-
