@@ -121,7 +121,7 @@ def test_hypercall_exit(kvm: Kvm) -> None:
     class Hypercalls(ExitHandlers):
         def on_hypercall(self, vcpu, exit):  # type: ignore[no-untyped-def]
             seen.append(exit)
-            vcpu.kvm_run.hypercall.ret = 0x77
+            vcpu.set_hypercall_ret(0x77)
             return True
 
     with exits_machine(kvm, HYPERCALL, Hypercalls()) as m:

@@ -1,13 +1,16 @@
 """Object lifecycle and error reporting: VMs with memory and a vCPU are created and destroyed
 without leaking fds or mappings, ``with`` closes every object at once, failed calls raise a
 KvmError that says what failed and how, capabilities are asked where they mean something (the
-VM fd), and allocated-memory accounting follows writes, fallocate and hole punching."""
+VM fd), allocated-memory accounting follows writes, fallocate and hole punching, and the binding
+guards its calls (struct sizes, closed fds, raw KVM_RUN, EIO from a VM that is not ours to use)."""
 
 from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
+import select
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +18,17 @@ from contextlib import contextmanager
 import pytest
 
 from vmm import PAGE_SIZE, Cap, GmemFlag, GuestMemfd, GuestMemory, Kvm, KvmError, Machine, MemFlag, Vm, VmType
-from vmm.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from vmm.kvm.syscalls import address_of, meminfo
+from vmm.kvm.uapi import (
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_SET_MEMORY_ATTRIBUTES,
+    KVM_SET_NR_MMU_PAGES,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_SET_USER_MEMORY_REGION2,
+    ExitReason,
+    kvm_memory_attributes,
+    kvm_userspace_memory_region2,
+)
 from vmm.tools.pytest_plugin import require, require_gmem_flags, require_private_mem
 
 VM_CYCLES = 1000
@@ -199,42 +212,53 @@ def test_capabilities_on_vm_fd_vs_dev_kvm(kvm: Kvm) -> None:
 
 
 def test_memory_attributes_follow_vm_fd_capability(kvm: Kvm) -> None:
-    """KVM_CAP_MEMORY_ATTRIBUTES on the VM fd predicts KVM_SET_MEMORY_ATTRIBUTES: without
-    KVM_MEMORY_ATTRIBUTE_PRIVATE there, making a range private fails (ENOTTY when the ioctl is
-    compiled out, EINVAL when the VM type lacks it); with it, it works."""
+    """KVM_CAP_MEMORY_ATTRIBUTES on the VM fd predicts KVM_SET_MEMORY_ATTRIBUTES (the raw ioctl,
+    since Vm.set_memory_attributes asks the capability itself): without KVM_MEMORY_ATTRIBUTE_PRIVATE
+    there, making a range private fails (ENOTTY when the ioctl is compiled out, EINVAL when the VM
+    type lacks it); with it, it works."""
     for vm_type in sorted(kvm.vm_types()):
         with kvm.create_vm(vm_type) as vm:
             private = vm.check_extension(Cap.MEMORY_ATTRIBUTES) & KVM_MEMORY_ATTRIBUTE_PRIVATE
+            req = kvm_memory_attributes(address=0, size=PAGE_SIZE, attributes=KVM_MEMORY_ATTRIBUTE_PRIVATE)
             if private:
-                vm.set_memory_attributes(0, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                vm.ioctl(KVM_SET_MEMORY_ATTRIBUTES, req)
             else:
                 with pytest.raises(OSError) as e:
-                    vm.set_memory_attributes(0, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                    vm.ioctl(KVM_SET_MEMORY_ATTRIBUTES, req)
                 assert e.value.errno in (errno.ENOTTY, errno.EINVAL), e.value
+
+
+def test_set_memory_attributes_refuses_unsupported_bits(kvm: Kvm, vm: Vm) -> None:
+    """An attribute bit the VM's KVM_CAP_MEMORY_ATTRIBUTES lacks is refused before the ioctl, with
+    EINVAL (KVM's own answer where the ioctl exists) and a note naming the bits and the capability;
+    the raw ioctl also refuses it (measured on the kvm_pvm host: ENOTTY, the ioctl is compiled out;
+    a 6.12 default VM says EINVAL)."""
+    supported = vm.check_extension(Cap.MEMORY_ATTRIBUTES)
+    bit = next(1 << b for b in range(64) if not supported & (1 << b))
+    with pytest.raises(KvmError) as refused:
+        vm.set_memory_attributes(0, PAGE_SIZE, bit)
+    assert refused.value.errno == errno.EINVAL and refused.value.call == "KVM_SET_MEMORY_ATTRIBUTES"
+    message = str(refused.value)
+    assert f"attribute bits {bit:#x}" in message and f"KVM_CAP_MEMORY_ATTRIBUTES ({supported:#x})" in message
+    assert "not issued" in message, message
+    with pytest.raises(KvmError) as raw:
+        vm.ioctl(KVM_SET_MEMORY_ATTRIBUTES, kvm_memory_attributes(address=0, size=PAGE_SIZE, attributes=bit))
+    assert raw.value.errno in (errno.ENOTTY, errno.EINVAL) and "not issued" not in str(raw.value), raw.value
 
 
 # --- (e) allocated bytes -----------------------------------------------------------------------
 
 
-def unevictable_bytes() -> int:
-    """/proc/meminfo Unevictable: guest_memfd pages are unevictable, so it moves with them."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Unevictable:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no Unevictable line in /proc/meminfo")
-
-
 def test_shared_allocated_bytes(vm: Vm) -> None:
     """A shared region's shared_allocated() (memfd st_blocks) is 0 when fresh, grows by at least
-    what the host wrote, and drops back to 0 after discard_shared (PUNCH_HOLE)."""
+    what the host wrote, and drops back to 0 after punch_hole_shared."""
     memory = GuestMemory(vm)
     try:
         region = memory.add(SHARED_GPA, REGION_SIZE, "shared")
         assert region.shared_allocated() == 0
         memory.write(SHARED_GPA + PAGE_SIZE, b"\x5a" * 4 * PAGE_SIZE)
         assert 4 * PAGE_SIZE <= region.shared_allocated() <= REGION_SIZE
-        region.discard_shared(0, REGION_SIZE)
+        region.punch_hole_shared(0, REGION_SIZE)
         assert region.shared_allocated() == 0
         assert memory.read(SHARED_GPA + PAGE_SIZE, 8) == bytes(8), "a discarded page must read back as zeros"
     finally:
@@ -253,9 +277,9 @@ def test_guest_memfd_allocated_bytes(vm: Vm) -> None:
         assert region.private_allocated() == region.gmem.allocated_bytes() == 0
         memory.write(GMEM_GPA + 2 * PAGE_SIZE, b"\xa5" * 3 * PAGE_SIZE)
         assert region.private_allocated() == region.gmem.allocated_bytes() == 3 * PAGE_SIZE
-        region.discard_private(2 * PAGE_SIZE, PAGE_SIZE)
+        region.punch_hole_private(2 * PAGE_SIZE, PAGE_SIZE)
         assert region.private_allocated() == 2 * PAGE_SIZE
-        region.discard_private(0, REGION_SIZE)
+        region.punch_hole_private(0, REGION_SIZE)
         assert region.private_allocated() == region.gmem.allocated_bytes() == 0
     finally:
         memory.close()
@@ -269,13 +293,119 @@ def test_guest_memfd_fallocate_allocates(vm: Vm) -> None:
     size, margin = 64 << 20, 16 << 20
     with vm.create_guest_memfd(size, MMAP_SHARED_FLAGS) as gmem:
         mem = gmem.mmap()
-        before = unevictable_bytes()
+        before = meminfo("Unevictable")
         gmem.allocate(0, size)
-        allocated = unevictable_bytes()
+        allocated = meminfo("Unevictable")
         assert abs(allocated - before - size) <= margin, f"Unevictable grew by {(allocated - before) >> 20} MiB"
         assert sum(mem[i] for i in range(0, 4 * PAGE_SIZE, PAGE_SIZE)) == 0  # read 4 allocated pages
         assert gmem.allocated_bytes() == 4 * PAGE_SIZE
         gmem.punch_hole(0, size)
-        freed = unevictable_bytes()
+        freed = meminfo("Unevictable")
         assert abs(allocated - freed - size) <= margin, f"Unevictable dropped by {(allocated - freed) >> 20} MiB"
         assert gmem.allocated_bytes() == 0
+
+
+# --- (f) the binding's guards: struct sizes, closed fds, raw KVM_RUN, dead VMs -------------------
+
+
+def test_wrong_struct_size_is_refused_before_the_kernel(vm: Vm) -> None:
+    """A struct whose size differs from the one encoded in the ioctl number raises TypeError naming
+    the ioctl, the struct and both sizes, and the kernel never sees it: a 160-byte memslot2 struct
+    on the 32-byte KVM_SET_USER_MEMORY_REGION would have added slot 0 at GPA 0 (its first 32 bytes
+    are a valid v1 region), yet another slot can still take GPA 0 afterwards."""
+    with pytest.raises(TypeError) as e:
+        vm.ioctl(KVM_SET_USER_MEMORY_REGION2, kvm_memory_attributes(address=0, size=PAGE_SIZE))
+    message = str(e.value)
+    assert all(p in message for p in ("KVM_SET_USER_MEMORY_REGION2", "kvm_memory_attributes", "160", "32")), message
+    backing = mmap.mmap(-1, PAGE_SIZE)
+    addr = address_of(backing)
+    v2 = kvm_userspace_memory_region2(slot=0, guest_phys_addr=0, memory_size=PAGE_SIZE, userspace_addr=addr)
+    with pytest.raises(TypeError, match="KVM_SET_USER_MEMORY_REGION takes a 32-byte struct"):
+        vm.ioctl(KVM_SET_USER_MEMORY_REGION, v2)
+    vm.set_user_memory_region(1, 0, 0, PAGE_SIZE, addr)  # EEXIST after a raw fcntl.ioctl of v2 (measured)
+    vm.set_user_memory_region(1, 0, 0, 0, addr)  # deleted before its backing goes
+    backing.close()
+
+
+def test_closed_fds_name_the_call() -> None:
+    """Every object's close() is idempotent; afterwards an ioctl raises ValueError naming the ioctl
+    and the fd kind (fcntl alone says "file descriptor cannot be a negative integer"), and so do
+    KVM_RUN through run() and run_raw() and fileno()."""
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    gmem = vm.create_guest_memfd(PAGE_SIZE) if vm.check_extension(Cap.GUEST_MEMFD) else None
+    for obj in (vcpu, gmem, vm, kvm):
+        if obj is not None:
+            obj.close()
+            obj.close()
+            assert obj.closed
+    with pytest.raises(ValueError, match="^KVM_GET_REGS on closed vCPU fd$"):
+        vcpu.get_regs()
+    with pytest.raises(ValueError, match="^KVM_RUN on closed vCPU fd$"):
+        vcpu.run()
+    with pytest.raises(ValueError, match="^KVM_RUN on closed vCPU fd$"):
+        vcpu.run_raw()
+    with pytest.raises(ValueError, match="^KVM_CHECK_EXTENSION on closed VM fd$"):
+        vm.check_extension(Cap.USER_MEMORY)
+    with pytest.raises(ValueError, match="^KVM_CREATE_VM on closed /dev/kvm fd$"):
+        kvm.create_vm()
+    with pytest.raises(ValueError, match="closed vCPU fd"):
+        vcpu.fileno()
+
+
+def test_fileno_works_with_fstat_and_select(kvm: Kvm, vm: Vm) -> None:
+    """fileno() makes the objects usable where Python wants a file: os.fstat of /dev/kvm's is the
+    device, the VM's and vCPU's are KVM's anon inodes, select() takes the objects themselves."""
+    with vm.create_vcpu(0) as vcpu:
+        objects = [kvm, vm, vcpu]
+        assert [o.fileno() for o in objects] == [kvm.fd, vm.fd, vcpu.fd]
+        assert os.fstat(kvm.fileno()).st_rdev == os.stat(kvm.path).st_rdev
+        links = [os.readlink(f"/proc/self/fd/{o.fileno()}") for o in (vm, vcpu)]
+        assert links == ["anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"], links
+        assert os.fstat(vm.fileno()).st_ino == os.fstat(vcpu.fileno()).st_ino  # one shared anon inode
+        readable, writable, _ = select.select(objects, objects, [], 0)
+        assert set(map(id, readable + writable)) <= set(map(id, objects))
+
+
+def test_run_raw_gives_the_kernels_answer(vm: Vm) -> None:
+    """run_raw() is one bare KVM_RUN (the selftests' __vcpu_run): with immediate_exit set, KVM_RUN
+    fails with EINTR, which run_raw() returns as is while run() reports it as KVM_EXIT_INTR; a VM
+    without memory (64 MMU pages, as test_zero_memory_regions() sets) exits with
+    KVM_EXIT_INTERNAL_ERROR and return code 0."""
+    vm.ioctl(KVM_SET_NR_MMU_PAGES, 64)  # without it KVM_RUN fails with ENOSPC (measured on kvm_pvm)
+    with vm.create_vcpu(0) as vcpu:
+        vcpu.kvm_run.immediate_exit = 1
+        err, _ = vcpu.run_raw()
+        assert err == errno.EINTR, errno.errorcode.get(err, err)
+        assert vcpu.run() == ExitReason.INTR
+        vcpu.kvm_run.immediate_exit = 0
+        assert vcpu.run_raw() == (0, ExitReason.INTERNAL_ERROR)
+
+
+def test_eio_says_why(vm: Vm) -> None:
+    """An EIO from a VM or vCPU ioctl is followed by a KVM_CHECK_EXTENSION probe of the VM fd (the
+    selftests' __TEST_ASSERT_VM_VCPU_IOCTL); when that fails too, the error says why. A forked child
+    gets EIO for both (KVM checks kvm->mm before anything), so its errors name the owning process."""
+    with vm.create_vcpu(0) as vcpu:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report both errors, never return into pytest
+            try:
+                lines = []
+                for call in (lambda: vm.check_extension(Cap.USER_MEMORY), vcpu.get_regs):
+                    try:
+                        call()
+                        lines.append("no error")
+                    except KvmError as e:
+                        lines.append(f"{e.errno} {e.note}")
+                os.write(write_end, "\n".join(lines).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            report = f.read().splitlines()
+        os.waitpid(pid, 0)
+        note = f"the VM belongs to process {os.getpid()}: KVM refuses its ioctls from any other process"
+        assert report == [f"{errno.EIO} {note}"] * 2, report
+        assert vm.check_extension(Cap.USER_MEMORY) > 0 and vcpu.get_regs() is not None  # fine in the owner

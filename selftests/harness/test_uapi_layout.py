@@ -111,6 +111,13 @@ def struct_checks(seen: set[CType]) -> Iterator[Check]:
             yield f"{cls.__name__}.{name}[] element size", f"sizeof((({tag} *)0)->{name}[0])", ctypes.sizeof(elem)
 
 
+def ioctl_size_checks() -> Iterator[Check]:
+    """uapi.ioc_size() (what KvmFd.ioctl checks struct sizes against) against C's _IOC_SIZE()."""
+    for name, value in vars(uapi).items():
+        if name.startswith("KVM_") and type(value) is int and (value >> 8) & 0xFF == uapi.KVMIO:
+            yield f"ioc_size({name})", f"_IOC_SIZE({name})", uapi.ioc_size(value)
+
+
 def constants() -> dict[str, tuple[str, int]]:
     """Macro name -> (Python name, value): enum members by prefix, module-level ints as named."""
     out = {}
@@ -156,7 +163,7 @@ def layout_report(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     if got.returncode != 0:
         pytest.fail(f"scripts/kernel-headers failed:\n{got.stderr}")
     headers = got.stdout.splitlines()[-1]
-    checks, consts = list(struct_checks(set())), constants()
+    checks, consts = [*struct_checks(set()), *ioctl_size_checks()], constants()
     src = tmp_path_factory.mktemp("uapi") / "uapi_layout.c"
     src.write_text(c_program(checks, consts))
     cc = subprocess.run(
@@ -188,7 +195,8 @@ def test_struct_layouts_match_headers(layout_report: list[str]) -> None:
 
 
 def test_constants_match_headers(layout_report: list[str]) -> None:
-    """Every ioctl number, KVM_* constant and enum member equals the headers' macro of that name."""
+    """Every ioctl number, KVM_* constant and enum member equals the headers' macro of that name,
+    and uapi.ioc_size() decodes each ioctl's struct size as _IOC_SIZE() does."""
     bad = mismatches(layout_report, of_structs=False)
     assert not bad, "\n".join(bad)
 

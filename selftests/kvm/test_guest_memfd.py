@@ -15,101 +15,37 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from vmm import Cap, GmemFlag, GuestMemfd, Kvm, Machine, Ucall, UcallCmd, Vm, VmType, load_guest
 from vmm.kvm import syscalls
+from vmm.kvm.syscalls import (
+    MADV_COLLAPSE,
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MAP_FIXED,
+    MPOL_BIND,
+    MPOL_DEFAULT,
+    MPOL_INTERLEAVE,
+    get_mempolicy,
+    madvise,
+    mbind,
+    page_nodes,
+    raw_mapping,
+)
 from vmm.tools.pytest_plugin import require, require_gmem_flags, require_private_mem
 
 from helpers import expect_sync
 
-PAGE_SIZE = mmap.PAGESIZE
+PAGE_SIZE = syscalls.HOST_PAGE_SIZE  # the kernel test's page_size = getpagesize()
 TOTAL_SIZE = 4 * PAGE_SIZE  # gmem_test()'s page_size * 4
 MMAP, INIT_SHARED = int(GmemFlag.MMAP), int(GmemFlag.INIT_SHARED)
 FLAG_SETS = {"no_flags": 0, "mmap": MMAP, "mmap_init_shared": MMAP | INIT_SHARED}
 SZ_4G = 1 << 32
 
-# <sys/mman.h>, <linux/mempolicy.h>, <asm/unistd_64.h>
 PROT_NONE, PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
-MAP_FIXED = 0x10
-MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
-MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
-MPOL_F_ADDR = 1 << 1
-SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
-MAX_NODE = 64  # bits in the one-word node masks used here
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.syscall.restype = ctypes.c_long
-
-
-def _check(ret: int | None, what: str) -> int:
-    """libc convention: -1 (or MAP_FAILED) sets errno; raise it as OSError."""
-    if ret is None or ret == -1 or ret == ctypes.c_void_p(-1).value:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-@contextmanager
-def raw_map(length: int, prot: int, flags: int, fd: int = -1, addr: int | None = None) -> Iterator[int]:
-    """mmap(2) without Python's size check (so a mapping may run past the end of the file)."""
-    mem = _check(_libc.mmap(addr, length, prot, flags, fd, 0), "mmap")
-    try:
-        yield mem
-    finally:
-        _libc.munmap(mem, length)
-
-
-def madvise(addr: int, length: int, advice: int) -> None:
-    _check(_libc.madvise(addr, length, advice), "madvise")
-
-
-def mbind(addr: int, length: int, mode: int, nodemask: int) -> None:
-    mask = ctypes.c_ulong(nodemask)
-    _check(
-        _libc.syscall(
-            SYS_MBIND,
-            ctypes.c_void_p(addr),
-            ctypes.c_ulong(length),
-            ctypes.c_int(mode),
-            ctypes.byref(mask) if nodemask else None,
-            ctypes.c_ulong(MAX_NODE if nodemask else 0),
-            ctypes.c_uint(0),
-        ),
-        "mbind",
-    )
-
-
-def get_mempolicy(addr: int) -> tuple[int, int]:
-    """get_mempolicy(MPOL_F_ADDR): the (policy, nodemask) covering ``addr``."""
-    policy, mask = ctypes.c_int(-1), ctypes.c_ulong(0)
-    _check(
-        _libc.syscall(
-            SYS_GET_MEMPOLICY,
-            ctypes.byref(policy),
-            ctypes.byref(mask),
-            ctypes.c_ulong(MAX_NODE),
-            ctypes.c_void_p(addr),
-            ctypes.c_ulong(MPOL_F_ADDR),
-        ),
-        "get_mempolicy",
-    )
-    return policy.value, mask.value
-
-
-def page_nodes(addrs: list[int]) -> list[int]:
-    """move_pages(2) without target nodes: the NUMA node each page is on."""
-    pages = (ctypes.c_void_p * len(addrs))(*addrs)
-    status = (ctypes.c_int * len(addrs))()
-    _check(_libc.syscall(SYS_MOVE_PAGES, 0, ctypes.c_ulong(len(addrs)), pages, None, status, 0), "move_pages")
-    return list(status)
 
 
 def numa_nodes() -> set[int]:
@@ -209,7 +145,8 @@ def test_guest_memfd_flags(gmem_vm: Vm) -> None:
 def test_create_guest_memfd_invalid_sizes(gmem_vm: Vm, gmem_flags: int) -> None:
     """guest_memfd_test.c: test_create_guest_memfd_invalid_sizes() (the size half of 6.12's
     test_create_guest_memfd_invalid()). Every size 1..PAGE_SIZE-1 is EINVAL; so is 0 (not in the
-    kernel test: kvm_gmem_create() refuses size <= 0)."""
+    kernel test: kvm_gmem_create() refuses size <= 0). Kernel cases plus that extra one, so not
+    marked beyond_kernel."""
     for size in range(0, PAGE_SIZE):
         expect_failure(lambda: gmem_vm.create_guest_memfd(size, gmem_flags), f"size {size:#x}", errno.EINVAL)
 
@@ -261,6 +198,7 @@ def test_fallocate(gmem: GuestMemfd) -> None:
     gmem.allocate(PAGE_SIZE, PAGE_SIZE)
 
 
+@pytest.mark.beyond_kernel
 def test_fallocate_unsupported_modes(gmem: GuestMemfd) -> None:
     """Beyond the kernel test (kvm_gmem_fallocate()): only KEEP_SIZE and KEEP_SIZE|PUNCH_HOLE are
     accepted; plain allocation (mode 0), PUNCH_HOLE without KEEP_SIZE, COLLAPSE_RANGE, ZERO_RANGE
@@ -350,10 +288,10 @@ def test_collapse(gmem_vm: Vm) -> None:
     pmd_size = int(pmd_file.read_text())
     with (
         create(gmem_vm, MMAP | INIT_SHARED, pmd_size) as gmem,
-        raw_map(2 * pmd_size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as reserved,
+        raw_mapping(2 * pmd_size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as reserved,
     ):
         aligned = -(-reserved // pmd_size) * pmd_size
-        with raw_map(pmd_size, PROT_RW, MAP_FIXED | mmap.MAP_SHARED, gmem.fd, aligned) as mem:
+        with raw_mapping(pmd_size, PROT_RW, MAP_FIXED | mmap.MAP_SHARED, gmem.fd, aligned) as mem:
             assert mem % pmd_size == 0
             for offset in range(0, pmd_size, PAGE_SIZE):  # reads: populate without dirtying
                 ctypes.string_at(mem + offset, 1)

@@ -156,7 +156,8 @@ def test_pre_fault_memory(kvm: Kvm, vm_type: VmType, private: bool) -> None:
     ENOENT; then the guest reads every page and finds the host's pattern (shared) or zeros
     (private). Also: for a private range the guest_memfd pages exist after pre-faulting (the
     Unevictable growth vmm uses to measure guest_memfd), and the guest's stores reach the host's
-    view (shared) or stay out of it (private)."""
+    view (shared) or stay out of it (private). Kernel cases and those extra checks in one test, so
+    not marked beyond_kernel."""
     with pre_fault_machine(kvm, vm_type, private) as (m, gpa):
         if private:
             assert m.converter is not None
@@ -178,11 +179,12 @@ def test_pre_fault_memory(kvm: Kvm, vm_type: VmType, private: bool) -> None:
         result = m.run(timeout=TIMEOUT)
         assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"got {result}"
         for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
-            seen = int.from_bytes(m.memory.read(page, 8), "little")
+            seen = int.from_bytes(m.memory.shared_view(page, 8), "little")  # a private page: its shared copy
             want = 0 if private else page ^ (1 << 64) - 1
             assert seen == want, f"host reads {seen:#x} at {page:#x}, expected {want:#x}"
 
 
+@pytest.mark.beyond_kernel
 @pytest.mark.parametrize("vm_type, private", VARIANTS)
 def test_pre_fault_memory_ranges(kvm: Kvm, vm_type: VmType, private: bool) -> None:
     """Beyond pre_fault_memory_test.c (same VM): ranges overlapping what is already mapped, or
@@ -211,6 +213,7 @@ def test_pre_fault_memory_ranges(kvm: Kvm, vm_type: VmType, private: bool) -> No
         assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"got {result}"
 
 
+@pytest.mark.beyond_kernel
 @pytest.mark.private_mem
 def test_pre_fault_private_without_guest_memfd(kvm: Kvm) -> None:
     """Beyond pre_fault_memory_test.c (cf. private_mem_kvm_exits_test's memslot_not_private): on a

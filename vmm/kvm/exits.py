@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import uapi
-from .uapi import ExitReason, InternalError, SystemEvent
+from .uapi import ExitReason, InternalError, SystemEvent, enum_name
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -19,15 +19,14 @@ class Exit:
     reason: int
 
     def __str__(self) -> str:
-        try:
-            return f"KVM_EXIT_{ExitReason(self.reason).name}"
-        except ValueError:
-            return f"exit reason {self.reason}"
+        name = enum_name(ExitReason, self.reason)
+        return f"exit reason {name}" if name.isdigit() else f"KVM_EXIT_{name}"
 
 
 @dataclass(frozen=True, slots=True)
 class IoExit(Exit):
-    """KVM_EXIT_IO: port I/O; ``data`` is what the guest wrote (OUT) or the buffer to fill (IN)."""
+    """KVM_EXIT_IO: port I/O. ``data`` is a copy of the bytes the guest wrote (OUT); for an IN it
+    is what kvm_run held then, and the answer goes through Vcpu.set_pio_data."""
 
     port: int
     size: int
@@ -73,10 +72,7 @@ class InternalErrorExit(Exit):
     data: tuple[int, ...]
 
     def __str__(self) -> str:
-        try:
-            sub = InternalError(self.suberror).name
-        except ValueError:
-            sub = str(self.suberror)
+        sub = enum_name(InternalError, self.suberror)
         return f"KVM_EXIT_INTERNAL_ERROR suberror={sub} data=[{', '.join(hex(d) for d in self.data)}]"
 
 
@@ -88,10 +84,7 @@ class SystemEventExit(Exit):
     data: tuple[int, ...]
 
     def __str__(self) -> str:
-        try:
-            kind = SystemEvent(self.type).name
-        except ValueError:
-            kind = str(self.type)
+        kind = enum_name(SystemEvent, self.type)
         return f"KVM_EXIT_SYSTEM_EVENT type={kind} data=[{', '.join(hex(d) for d in self.data)}]"
 
 

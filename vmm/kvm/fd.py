@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
+from collections.abc import Collection
 from typing import Any, Self
 
 from vmm.errors import KvmError
@@ -17,6 +19,11 @@ _IOCTL_NAMES: dict[int, str] = {
     for name, value in vars(uapi).items()
     if name.startswith("KVM_") and isinstance(value, int) and (value >> 8) & 0xFF == uapi.KVMIO
 }
+
+
+def ioctl_name(request: int) -> str:
+    """The "KVM_..." name of a request number vmm knows, else the number in hex."""
+    return _IOCTL_NAMES.get(request, hex(request))
 
 
 def describe(arg: Any) -> str:
@@ -46,7 +53,18 @@ class KvmFd:
         self.fd = fd
 
     def ioctl(self, request: int, arg: int | ctypes.Structure | bytearray = 0) -> int:
-        """Issue one ioctl; a struct or bytearray argument is read and written in place."""
+        """Issue one ioctl; a struct or bytearray argument is read and written in place. A struct
+        whose size differs from the one encoded in ``request`` is refused before the kernel reads it
+        (the selftests' kvm_do_ioctl() asserts the same at compile time)."""
+        if self.fd < 0:
+            raise ValueError(f"{ioctl_name(request)} on closed {self.kind} fd")
+        if isinstance(arg, ctypes.Structure):
+            size = uapi.ioc_size(request)
+            if size and ctypes.sizeof(arg) != size:
+                raise TypeError(
+                    f"{ioctl_name(request)} takes a {size}-byte struct, "
+                    f"got {type(arg).__name__} ({ctypes.sizeof(arg)} bytes): not issued"
+                )
         try:
             if isinstance(arg, int):
                 return fcntl.ioctl(self.fd, request, arg)
@@ -54,10 +72,31 @@ class KvmFd:
         except OSError as e:
             raise self.error(request, e.errno or 0, arg) from None
 
+    def retrying(self, request: int, arg: ctypes.Structure, errnos: Collection[int]) -> int:
+        """ioctl() again while it fails with one of ``errnos`` (EINTR, EAGAIN: calls KVM may stop
+        early, advancing ``arg`` in place so the next call resumes)."""
+        while True:
+            try:
+                return self.ioctl(request, arg)
+            except OSError as e:
+                if e.errno not in errnos:
+                    raise
+
     def error(self, request: int | str, err: int, arg: Any = None) -> KvmError:
-        """Build the exception for a failed call on this fd."""
-        name = request if isinstance(request, str) else _IOCTL_NAMES.get(request, hex(request))
-        return KvmError(name, err, describe(arg), self.kind)
+        """Build the exception for a failed call on this fd; an EIO says whether KVM killed the VM."""
+        name = request if isinstance(request, str) else ioctl_name(request)
+        note = self.dead_vm_note() if err == errno.EIO else ""
+        return KvmError(name, err, describe(arg), self.kind, note)
+
+    def dead_vm_note(self) -> str:
+        """Why this fd's calls fail with EIO, if a probe can tell; only VM and vCPU fds can."""
+        return ""
+
+    def fileno(self) -> int:
+        """The fd, for select(), os.fstat() and pass_fds; ValueError once closed."""
+        if self.fd < 0:
+            raise ValueError(f"fileno() on closed {self.kind} fd")
+        return self.fd
 
     @property
     def closed(self) -> bool:

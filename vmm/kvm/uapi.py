@@ -44,6 +44,11 @@ def _iowr(nr: int, struct: type) -> int:
     return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct))
 
 
+def ioc_size(request: int) -> int:
+    """_IOC_SIZE(request): the size of the struct an ioctl number was encoded with (0 for _IO)."""
+    return (request >> _IOC_SIZESHIFT) & ((1 << _IOC_SIZEBITS) - 1)
+
+
 # --- structs ------------------------------------------------------------------------------------
 
 

@@ -19,16 +19,26 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 _EHWPOISON = getattr(errno, "EHWPOISON", 133)
-KICK_SIGNAL = signal.SIGUSR1
+# The signal kick() sends: a real-time signal, as Firecracker kicks its vCPUs with
+# sigrtmin() + VCPU_RTSIG_OFFSET (0) in vstate/vcpu.rs. It collides with no SIGUSR1/SIGUSR2 user,
+# and real-time signals queue: two kicks are two deliveries, not one merged pending bit.
+KICK_SIGNAL = signal.SIGRTMIN
 
 
-def _install_kick_handler() -> None:
-    """A no-op handler so KICK_SIGNAL interrupts KVM_RUN with EINTR instead of killing the process."""
-    if (
-        signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None)
-        and threading.current_thread() is threading.main_thread()
-    ):
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+def _install_kick_handler() -> bool:
+    """Make KICK_SIGNAL interrupt KVM_RUN with EINTR instead of killing the process (its default
+    action) by installing a no-op handler; True when a handler is in place. Python installs
+    handlers from the main thread only, so this also runs when this module is imported (normally
+    on the main thread, by ``import vmm``); from another thread it only reports."""
+    if callable(signal.getsignal(KICK_SIGNAL)):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)  # interrupting KVM_RUN is all a kick is for
+    return True
+
+
+_install_kick_handler()
 
 
 class Vcpu(KvmFd):
@@ -52,7 +62,9 @@ class Vcpu(KvmFd):
 
     def run(self) -> int:
         """KVM_RUN once. Returns kvm_run.exit_reason; a memory fault (-EFAULT/-EHWPOISON with
-        exit_reason MEMORY_FAULT) and a signal (-EINTR, reported as KVM_EXIT_INTR) are exits, not errors."""
+        exit_reason MEMORY_FAULT) and a signal (-EINTR, reported as KVM_EXIT_INTR) are exits, not errors.
+        api.rst: "KVM_EXIT_MEMORY_FAULT is unique among all KVM exit reasons in that it accompanies a
+        return code of '-1', not '0'!" (rust-vmm's VcpuFd::run() special-cases it the same way)."""
         try:
             fcntl.ioctl(self.fd, uapi.KVM_RUN, 0)
         except InterruptedError:
@@ -61,7 +73,22 @@ class Vcpu(KvmFd):
             if e.errno in (errno.EFAULT, _EHWPOISON) and self.kvm_run.exit_reason == ExitReason.MEMORY_FAULT:
                 return ExitReason.MEMORY_FAULT
             raise self.error(uapi.KVM_RUN, e.errno or 0) from None
+        except ValueError:  # fcntl refuses fd -1: name the call instead
+            if self.fd < 0:
+                raise ValueError("KVM_RUN on closed vCPU fd") from None
+            raise
         return self.kvm_run.exit_reason
+
+    def run_raw(self) -> tuple[int, int]:
+        """KVM_RUN once with the kernel's answer untouched (the selftests' __vcpu_run()): (errno or
+        0, kvm_run.exit_reason), for tests that check the errno itself."""
+        if self.fd < 0:
+            raise ValueError("KVM_RUN on closed vCPU fd")
+        try:
+            fcntl.ioctl(self.fd, uapi.KVM_RUN, 0)
+        except OSError as e:
+            return e.errno or -1, self.kvm_run.exit_reason
+        return 0, self.kvm_run.exit_reason
 
     def exit(self, reason: int | None = None) -> Exit:
         """The last exit as a typed value (decoded from kvm_run now)."""
@@ -76,11 +103,23 @@ class Vcpu(KvmFd):
         """Answer an MMIO read exit: the bytes the guest's load receives (at most 8)."""
         ctypes.memmove(ctypes.addressof(self.kvm_run.mmio.data), data, min(len(data), 8))
 
+    def set_hypercall_ret(self, ret: int) -> None:
+        """Answer a KVM_EXIT_HYPERCALL: the value the guest finds in rax (negative: an -errno)."""
+        self.kvm_run.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+
     def kick(self) -> None:
-        """Make a running KVM_RUN return soon (immediate_exit + signal), from any thread."""
-        self.kvm_run.immediate_exit = 1
+        """Make KVM_RUN return soon with KVM_EXIT_INTR, from any thread: immediate_exit for the next
+        entry, and KICK_SIGNAL to ``thread_ident`` (the thread inside KVM_RUN, if any) for a run in
+        progress. The signal is only sent while its no-op handler is installed, so a kick can never
+        kill the process. The caller keeps ``thread_ident``'s thread from ending meanwhile (Runner
+        kicks under a lock its threads clear ``thread_ident`` under before they leave a run). A
+        closed vCPU is not kicked."""
+        run = self.kvm_run
+        if run is None:
+            return
+        run.immediate_exit = 1
         ident = self.thread_ident
-        if ident is not None:
+        if ident is not None and _install_kick_handler():
             try:
                 signal.pthread_kill(ident, KICK_SIGNAL)
             except ProcessLookupError:
@@ -113,12 +152,12 @@ class Vcpu(KvmFd):
     def pre_fault_memory(self, gpa: int, size: int) -> None:
         """KVM_PRE_FAULT_MEMORY: map [gpa, gpa+size) ahead of use, resuming where KVM stopped early."""
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size)
-        while req.size:
-            try:
-                self.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
-            except OSError as e:
-                if e.errno not in (errno.EINTR, errno.EAGAIN):
-                    raise
+        while req.size:  # success after mapping part of the range is 0 too: go on until size is 0
+            self.retrying(uapi.KVM_PRE_FAULT_MEMORY, req, (errno.EINTR, errno.EAGAIN))
+
+    def dead_vm_note(self) -> str:
+        """An EIO on a vCPU fd is explained by its VM (KVM checks the VM's state for both)."""
+        return self.vm.dead_vm_note()
 
     def close(self) -> None:
         """Close the fd now; the kvm_run mapping goes with it unless a caller still holds a view of

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 from typing import TYPE_CHECKING
 
+from vmm.errors import KvmError
+
 from . import uapi
-from .fd import KvmFd
+from .fd import KvmFd, describe, ioctl_name
 from .gmem import GuestMemfd
 from .uapi import Cap
 from .vcpu import Vcpu
@@ -25,6 +29,8 @@ class Vm(KvmFd):
         self.kvm = kvm
         self.type = vm_type
         self.vcpu_mmap_size = vcpu_mmap_size  # handed down to each vCPU (kvm-ioctls' run_size)
+        self.pid = os.getpid()  # the process whose mm the VM is bound to
+        self._memory_attributes: int | None = None
 
     def check_extension(self, cap: Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd: the answer for this VM's type."""
@@ -76,23 +82,40 @@ class Vm(KvmFd):
         return GuestMemfd(fd, size, flags)
 
     def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> None:
-        """KVM_SET_MEMORY_ATTRIBUTES on [gpa, gpa+size); retried while KVM says EAGAIN."""
+        """KVM_SET_MEMORY_ATTRIBUTES on [gpa, gpa+size); retried while KVM says EAGAIN or EINTR.
+        Attribute bits this VM does not support are refused before the ioctl (EINVAL, as KVM would)."""
         req = uapi.kvm_memory_attributes(address=gpa, size=size, attributes=attributes, flags=flags)
-        while True:
-            try:
-                self.ioctl(uapi.KVM_SET_MEMORY_ATTRIBUTES, req)
-                return
-            except OSError as e:  # the kernel advances address/size as it goes
-                if e.errno not in (errno.EAGAIN, errno.EINTR):
-                    raise
+        unsupported = attributes & ~self.supported_memory_attributes()
+        if unsupported:
+            raise KvmError(
+                ioctl_name(uapi.KVM_SET_MEMORY_ATTRIBUTES),
+                errno.EINVAL,
+                describe(req),
+                self.kind,
+                f"attribute bits {unsupported:#x} not in this VM's KVM_CAP_MEMORY_ATTRIBUTES "
+                f"({self.supported_memory_attributes():#x}): not issued",
+            )
+        # the kernel advances address/size as it goes, so a retry resumes where it stopped
+        self.retrying(uapi.KVM_SET_MEMORY_ATTRIBUTES, req, (errno.EAGAIN, errno.EINTR))
 
     def supported_memory_attributes(self) -> int:
-        """KVM_CAP_MEMORY_ATTRIBUTES on this VM: the attribute bits it accepts (0: none)."""
-        return self.check_extension(Cap.MEMORY_ATTRIBUTES)
+        """KVM_CAP_MEMORY_ATTRIBUTES on this VM: the attribute bits it accepts (0: none); asked once."""
+        if self._memory_attributes is None:
+            self._memory_attributes = self.check_extension(Cap.MEMORY_ATTRIBUTES)
+        return self._memory_attributes
 
-    def set_tss_addr(self, gpa: int) -> None:
-        """KVM_SET_TSS_ADDR: three pages KVM needs for real mode on Intel without unrestricted guest."""
-        self.ioctl(uapi.KVM_SET_TSS_ADDR, gpa)
+    def dead_vm_note(self) -> str:
+        """After an EIO: probe KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY), which only a dead VM (or
+        another process: KVM checks kvm->mm first) fails; the selftests' __TEST_ASSERT_VM_VCPU_IOCTL."""
+        if self.closed:
+            return ""
+        try:
+            fcntl.ioctl(self.fd, uapi.KVM_CHECK_EXTENSION, int(Cap.USER_MEMORY))
+        except OSError:
+            if os.getpid() != self.pid:
+                return f"the VM belongs to process {self.pid}: KVM refuses its ioctls from any other process"
+            return "KVM killed the VM; check dmesg"
+        return ""
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, with its kvm_run page mapped."""
