@@ -4,6 +4,8 @@ and TEST_ASSERT(r == -1 && errno == E...), and set_memory_region_test's constant
 from __future__ import annotations
 
 import errno
+import platform
+import re
 from collections.abc import Callable
 
 import pytest
@@ -34,3 +36,17 @@ def expect_errno(err: int, call: Callable[[], object], why: str = "") -> None:
     with pytest.raises(OSError) as e:
         call()
     assert e.value.errno == err, f"{why}: expected {errno.errorcode[err]}, got {e.value}"
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel ('7.3.4-amd64' -> (7, 3)). Only for behaviour changes no
+    capability reveals; name the version that changed it where this is used."""
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    assert m, f"cannot read a version from {release or platform.release()!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+def gmem_bind_overlap_errno() -> int:
+    """What kvm_gmem_bind() returns for a guest_memfd range already bound to another memslot: EINVAL
+    until Linux 7.2, EEXIST from 7.2 on (no capability says which)."""
+    return errno.EEXIST if kernel_version() >= (7, 2) else errno.EINVAL

@@ -26,6 +26,7 @@ def populated(kvm: Kvm, policy: ConversionPolicy) -> Machine:
     m = Machine(kvm=kvm, vm_type=VmType.SW_PROTECTED, policy=policy)
     region = m.add_memory(DATA_GPA, GUEST_SIZE, Backing.GUEST_MEMFD)
     m.memory.fill(DATA_GPA, GUEST_SIZE, 0x5A)
+    m.converter.start_accounting()  # the Unevictable baseline, before any conversion
     assert region.shared_allocated() == GUEST_SIZE
     return m
 

@@ -15,7 +15,7 @@ delivered, and the no-progress guard (the same fault again with nothing converte
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import struct
 import threading
 import time
@@ -38,7 +38,6 @@ from vmm import (
     VmType,
     load_guest,
 )
-from vmm.kvm import uapi
 from vmm.kvm.exits import MemoryFaultExit
 from vmm.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE
 from vmm.memory.faults import MAX_REPEATS
@@ -66,16 +65,16 @@ def fill_shared(m: Machine, gpa: int, npages: int) -> None:
     """The host's copy of the guest's pattern: the u64s at 0 and 0xff8 of each page hold their GPA."""
     for p in range(npages):
         page = gpa + p * PAGE_SIZE
-        m.memory.write(page, struct.pack("<Q", page))
-        m.memory.write(page + LAST_U64, struct.pack("<Q", page + LAST_U64))
+        m.memory.shared_view(page, 8)[:] = struct.pack("<Q", page)  # private now: its shared copy
+        m.memory.shared_view(page + LAST_U64, 8)[:] = struct.pack("<Q", page + LAST_U64)
 
 
 def shared_pattern_intact(m: Machine, gpa: int, npages: int) -> bool:
     for p in range(npages):
         page = gpa + p * PAGE_SIZE
-        if struct.unpack("<Q", m.memory.read(page, 8))[0] != page:
+        if struct.unpack("<Q", m.memory.shared_view(page, 8))[0] != page:
             return False
-        if struct.unpack("<Q", m.memory.read(page + LAST_U64, 8))[0] != page + LAST_U64:
+        if struct.unpack("<Q", m.memory.shared_view(page + LAST_U64, 8))[0] != page + LAST_U64:
             return False
     return True
 
@@ -166,9 +165,9 @@ def real_private_fault(kvm: Kvm, gpa: int) -> MemoryFaultExit:
         m.load(load_guest("private_mem_kvm_exits"), arg=gpa)
         m.vm.set_memory_attributes(gpa, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         vcpu = m.vcpus[0]
-        with pytest.raises(OSError):
-            fcntl.ioctl(vcpu.fd, uapi.KVM_RUN, 0)
-        fault = vcpu.exit()
+        err, reason = vcpu.run_raw()
+        fault = vcpu.exit(reason)
+    assert err == errno.EFAULT, f"KVM_RUN: expected EFAULT, got {errno.errorcode.get(err, err)}"
     assert isinstance(fault, MemoryFaultExit) and fault.reason == ExitReason.MEMORY_FAULT, f"got {fault}"
     assert (fault.flags, fault.gpa, fault.size) == (KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa, PAGE_SIZE), f"got {fault}"
     return fault

@@ -1,8 +1,9 @@
-"""A guest_memfd: the file holding a VM's private memory, with allocate/punch and optional mmap."""
+"""A guest_memfd: the file holding a VM's private memory, with allocate/punch_hole, dup and optional mmap."""
 
 from __future__ import annotations
 
 import mmap
+import os
 
 from . import syscalls
 from .fd import KvmFd
@@ -17,7 +18,16 @@ class GuestMemfd(KvmFd):
         super().__init__(fd)
         self.size = size
         self.flags = flags
-        self.map: mmap.mmap | None = None
+        self.map: mmap.mmap | None = None  # this object's own MAP_SHARED mapping, made by mmap()
+
+    def dup(self) -> GuestMemfd:
+        """A second fd for the same file (kernel vm_mem_add's dup): each memslot owns and closes its
+        own fd, so the caller may close theirs at any time. The copy has no mapping until mmap()."""
+        try:
+            fd = os.dup(self.fd)  # Python makes it O_CLOEXEC, like the original
+        except OSError as e:
+            raise self.error("dup", e.errno or 0) from None
+        return GuestMemfd(fd, self.size, self.flags)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         try:

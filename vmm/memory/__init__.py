@@ -1,10 +1,11 @@
 """Guest memory and private<->shared conversion: memslots and their backings (regions), vmm's own
 attribute map, the conversion engine (attributes, then PUNCH_HOLE of the unused side) and the exit
-handlers that drive it from KVM_EXIT_MEMORY_FAULT and KVM_HC_MAP_GPA_RANGE (faults)."""
+handlers that drive it from KVM_EXIT_MEMORY_FAULT and KVM_HC_MAP_GPA_RANGE, refusing to make
+private what vmm placed for the guest itself (faults)."""
 
 from .attributes import AttributeMap
 from .convert import ConversionPolicy, Converter, Granularity
-from .faults import PrivateMemoryHandlers
+from .faults import PrivateMemoryHandlers, ProtectedRange
 from .regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "GuestMemory",
     "HugePages",
     "PrivateMemoryHandlers",
+    "ProtectedRange",
     "Region",
 ]

@@ -3,10 +3,13 @@
 Stored as ranges, not pages: two parallel arrays of boundaries and values, where [starts[i],
 starts[i+1]) has values[i] and neighbours always differ. A 64 GiB guest with 10,000 alternating
 ranges costs 16 bytes a range; lookups are a bisect (O(log n)); an update is a bisect plus one
-slice replacement (a C memmove of the tail, no per-page Python work)."""
+slice replacement (a C memmove of the tail, no per-page Python work). An update rewrites both
+arrays in several steps, so set(), get(), uniform() and find() hold ``lock``: a vCPU thread reading
+the map (a host check of guest memory) while another converts must not see them half-updated."""
 
 from __future__ import annotations
 
+import threading
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ class AttributeMap:
     def __init__(self) -> None:
         self.starts = array("Q", [0])
         self.values = array("Q", [0])
+        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         """Number of maximal ranges (including the trailing one up to 2**64)."""
@@ -27,12 +31,17 @@ class AttributeMap:
 
     def get(self, gpa: int) -> int:
         """Attributes at ``gpa``."""
-        return self.values[bisect_right(self.starts, gpa) - 1]
+        with self.lock:
+            return self.values[bisect_right(self.starts, gpa) - 1]
 
     def set(self, start: int, end: int, value: int) -> None:
         """Give [start, end) the attributes ``value``."""
         if not 0 <= start < end <= GPA_LIMIT:
             raise ValueError(f"bad range [{start:#x}, {end:#x})")
+        with self.lock:
+            self._set(start, end, value)
+
+    def _set(self, start: int, end: int, value: int) -> None:
         starts, values = self.starts, self.values
         lo = bisect_right(starts, start) - 1  # range holding start
         hi = bisect_right(starts, end - 1) - 1  # range holding end - 1
@@ -57,7 +66,8 @@ class AttributeMap:
             del self.starts[i], self.values[i]
 
     def ranges(self, start: int = 0, end: int = GPA_LIMIT) -> Iterator[tuple[int, int, int]]:
-        """(start, end, value) of the ranges overlapping [start, end), clipped to it."""
+        """(start, end, value) of the ranges overlapping [start, end), clipped to it (a generator:
+        no lock, so call it where no other thread converts, e.g. for an error message)."""
         i = bisect_right(self.starts, start) - 1
         n = len(self.starts)
         while i < n and self.starts[i] < end:
@@ -67,10 +77,23 @@ class AttributeMap:
 
     def uniform(self, start: int, end: int) -> int | None:
         """The single value of [start, end), or None when the range is mixed."""
-        i = bisect_right(self.starts, start) - 1
-        if i + 1 < len(self.starts) and self.starts[i + 1] < end:
+        with self.lock:
+            i = bisect_right(self.starts, start) - 1
+            if i + 1 < len(self.starts) and self.starts[i + 1] < end:
+                return None
+            return self.values[i]
+
+    def find(self, start: int, end: int, mask: int) -> tuple[int, int] | None:
+        """The first (whole, unclipped) range overlapping [start, end) whose value has a bit of
+        ``mask``; None when there is none (one bisect, then a step per range: no per-page work)."""
+        with self.lock:
+            starts, values = self.starts, self.values
+            i, n = bisect_right(starts, start) - 1, len(starts)
+            while i < n and starts[i] < end:
+                if values[i] & mask:
+                    return starts[i], starts[i + 1] if i + 1 < n else GPA_LIMIT
+                i += 1
             return None
-        return self.values[i]
 
     def nbytes(self) -> int:
         """Memory the map holds (its two arrays)."""

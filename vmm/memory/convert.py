@@ -60,9 +60,10 @@ class Converter:
         self.memory = memory
         self.policy = policy or ConversionPolicy()
         self.attributes = AttributeMap()
+        memory.attributes = self.attributes  # host reads and writes of private ranges are refused
         self.stats = ConversionStats()
         self.supported = vm.supported_memory_attributes()
-        self._unevictable_base = syscalls.meminfo("Unevictable")
+        self._unevictable_base: int | None = None  # taken by start_accounting(), not for every VM
 
     # --- validation -------------------------------------------------------------------------
 
@@ -82,8 +83,9 @@ class Converter:
             gpa, size = start, end - start
         return gpa, size
 
-    def regions(self, gpa: int, size: int, need_gmem: bool) -> Iterator[tuple[Region, int, int]]:
-        """(region, offset, length) covering [gpa, gpa+size) exactly, or ConversionError on a gap."""
+    def pieces(self, gpa: int, size: int, need_gmem: bool) -> Iterator[tuple[Region, int, int]]:
+        """(region, offset in it, length) covering [gpa, gpa+size) exactly, or ConversionError on a
+        gap (or, with ``need_gmem``, on a memslot without guest_memfd)."""
         addr, end = gpa, gpa + size
         while addr < end:
             try:
@@ -108,19 +110,19 @@ class Converter:
                 "this VM does not support KVM_MEMORY_ATTRIBUTE_PRIVATE (needs KVM_X86_SW_PROTECTED_VM)"
             )
         gpa, size = self.align(gpa, size, policy)
-        pieces = list(self.regions(gpa, size, need_gmem=True))
+        pieces = list(self.pieces(gpa, size, need_gmem=True))
         attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0
         self.vm.set_memory_attributes(gpa, size, attrs)
         self.attributes.set(gpa, gpa + size, attrs)
         for region, offset, length in pieces:
             if to_private and policy.preallocate:
-                region.gmem.allocate(region.gmem_offset + offset, length)  # type: ignore[union-attr]
+                region.allocate_private(offset, length)
             if policy.discard:
                 if to_private:
-                    if region.memfd >= 0:
-                        region.discard_shared(offset, length)
+                    if region.shared_fd >= 0:
+                        region.punch_hole_shared(offset, length)
                 else:
-                    region.discard_private(offset, length)
+                    region.punch_hole_private(offset, length)
         s = self.stats
         s.conversions += 1
         if to_private:
@@ -129,10 +131,11 @@ class Converter:
             s.bytes_to_shared += size
         return gpa, size
 
-    def punch(self, gpa: int, size: int) -> None:
-        """Discard private pages of [gpa, gpa+size) without changing attributes (they read back as 0)."""
-        for region, offset, length in self.regions(gpa, size, need_gmem=True):
-            region.discard_private(offset, length)
+    def punch_hole(self, gpa: int, size: int) -> None:
+        """Discard private pages of [gpa, gpa+size) without changing attributes (they read back as 0;
+        the kernel selftests' vm_guest_mem_punch_hole)."""
+        for region, offset, length in self.pieces(gpa, size, need_gmem=True):
+            region.punch_hole_private(offset, length)
 
     def is_private(self, gpa: int, size: int = PAGE_SIZE) -> bool | None:
         """True/False when [gpa, gpa+size) is all private/shared in our map, None when mixed."""
@@ -145,14 +148,23 @@ class Converter:
         """Bytes held by the shared (memfd) backings, from st_blocks."""
         return sum(r.shared_allocated() or 0 for r in self.memory.regions)
 
+    def start_accounting(self) -> None:
+        """Take the /proc/meminfo Unevictable baseline private_allocated() measures from (now)."""
+        self._unevictable_base = syscalls.meminfo("Unevictable")
+
     def private_allocated(self) -> int:
-        """Bytes held by the guest_memfds: mincore when they are mmap-able, else the growth of
-        /proc/meminfo Unevictable since this converter was made (guest_memfd pages are unevictable;
-        system-wide, so meant for a quiet test machine such as the nested kernel)."""
-        gmems = {id(r.gmem): r.gmem for r in self.memory.regions if r.gmem is not None}
-        if gmems and all(g.map is not None for g in gmems.values()):
-            return sum(g.allocated_bytes() or 0 for g in gmems.values())
-        return max(0, syscalls.meminfo("Unevictable") - self._unevictable_base)
+        """Bytes held by the guest_memfds: mincore over each memslot's range when they are all
+        mmap'd (slots of one guest_memfd bind disjoint ranges, so nothing counts twice), else the
+        growth of /proc/meminfo Unevictable since start_accounting() (guest_memfd pages are
+        unevictable; system-wide, so meant for a quiet test machine such as the nested kernel).
+        Without start_accounting() the first call takes the baseline and returns 0."""
+        with_gmem = [r for r in self.memory.regions if r.gmem is not None]
+        if with_gmem and all(r.gmem is not None and r.gmem.map is not None for r in with_gmem):
+            return sum(r.private_allocated() or 0 for r in with_gmem)
+        now = syscalls.meminfo("Unevictable")
+        if self._unevictable_base is None:
+            self._unevictable_base = now
+        return max(0, now - self._unevictable_base)
 
     def map_state(self, gpa: int, around: int = 4 * PAGE_SIZE) -> str:
         """The attribute ranges near ``gpa``, for error messages."""

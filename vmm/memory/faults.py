@@ -1,14 +1,16 @@
 """Exit handlers for private memory: KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE) converts as the guest
-asks; KVM_EXIT_MEMORY_FAULT re-enters or converts depending on the VM type (on_memory_fault)."""
+asks, except ranges vmm set up for the guest itself (image, page tables, stacks: ``protected``),
+which stop the run with a GuestError that names them; KVM_EXIT_MEMORY_FAULT re-enters or converts
+depending on the VM type (on_memory_fault)."""
 
 from __future__ import annotations
 
 import errno
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from vmm.errors import ConversionError, MemoryFaultError, VmmError
+from vmm.errors import ConversionError, GuestError, MemoryFaultError, VmmError
 from vmm.kvm.exits import ExitHandlers, HypercallExit, MemoryFaultExit
 from vmm.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, Cap, VmType
 
@@ -20,6 +22,15 @@ if TYPE_CHECKING:
     from vmm.kvm.vm import Vm
 
 MAX_REPEATS = 3  # the same fault this many times with no conversion in between is a bug, not a race
+
+
+class ProtectedRange(NamedTuple):
+    """Guest memory vmm set up for the guest to run from (image, GDT, page tables, a stack): it is
+    shared memory, and the guest converting it to private would lose it (zeros, or a fault)."""
+
+    start: int
+    end: int
+    what: str
 
 
 @dataclass
@@ -43,6 +54,22 @@ class PrivateMemoryHandlers(ExitHandlers):
         # True where a fault is never a conversion request (see on_memory_fault)
         self.attributes_decide = converter.vm.type == VmType.SW_PROTECTED
         self.policy_for: dict[int, ConversionPolicy] = {}  # per-vCPU overrides of the converter's policy
+        self.protected: list[ProtectedRange] = []  # what Machine.load placed; never converted to private
+
+    def protect(self, start: int, end: int, what: str) -> None:
+        """Refuse guest requests to make [start, end) private: ``what`` lives there (e.g. "page tables")."""
+        self.protected.append(ProtectedRange(start, end, what))
+
+    def _refuse_protected(self, vcpu: Vcpu, gpa: int, size: int, why: str) -> None:
+        """GuestError when [gpa, gpa+size), about to turn private for ``why``, covers a protected range."""
+        end = gpa + size
+        for r in self.protected:
+            if r.start < end and gpa < r.end:
+                raise GuestError(
+                    f"vCPU {vcpu.id}: {why} makes [{gpa:#x}, {end:#x}) private, which covers "
+                    f"[{r.start:#x}, {r.end:#x}), {r.what}: vmm set that up as shared memory and the "
+                    "guest cannot run from it once private (its shared copy is discarded), so the run stops"
+                )
 
     @staticmethod
     def enable(vm: Vm) -> None:
@@ -61,8 +88,9 @@ class PrivateMemoryHandlers(ExitHandlers):
         conversion in between.
 
         Other types (SEV-SNP, TDX: the guest's page tables choose private or shared): convert the
-        range to what the fault asks, as QEMU's kvm_convert_memory does. That branch needs such a
-        VM (or ``attributes_decide`` set False by a caller that gives faults that meaning)."""
+        range to what the fault asks, as QEMU's kvm_convert_memory does, unless it would make a
+        protected range private (GuestError). That branch needs such a VM (or
+        ``attributes_decide`` set False by a caller that gives faults that meaning)."""
         conv = self.converter
         with self.lock:
             self.counts.memory_faults += 1
@@ -72,6 +100,8 @@ class PrivateMemoryHandlers(ExitHandlers):
                 # conversion raced this access and KVM re-checked the attributes; just re-enter
                 self.counts.stale_faults += 1
                 return self._progress(vcpu, exit)
+            if want:
+                self._refuse_protected(vcpu, exit.gpa, exit.size, str(exit))
             try:
                 conv.convert(exit.gpa, exit.size, want, self.policy_for.get(vcpu.id))
             except ConversionError as e:
@@ -102,7 +132,9 @@ class PrivateMemoryHandlers(ExitHandlers):
 
     def on_hypercall(self, vcpu: Vcpu, exit: HypercallExit) -> bool:
         """KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs): convert as the guest asks and answer in RAX: 0,
-        or -errno when the range cannot be converted (the VM keeps running either way)."""
+        or -errno when the range cannot be converted (the VM keeps running). A request to make a
+        protected range private raises GuestError instead: the guest would lose its own code,
+        page tables or stack, and the failure would show up later as a triple fault or a hang."""
         if exit.nr != KVM_HC_MAP_GPA_RANGE:
             return False
         gpa, npages, attrs = exit.args[0], exit.args[1], exit.args[2]
@@ -112,6 +144,8 @@ class PrivateMemoryHandlers(ExitHandlers):
                 if npages == 0 or npages > (1 << 52) // PAGE_SIZE:
                     raise ConversionError(f"bad page count {npages}")
                 to_private = bool(attrs & KVM_MAP_GPA_RANGE_ENCRYPTED)
+                if to_private:
+                    self._refuse_protected(vcpu, gpa, npages * PAGE_SIZE, "KVM_HC_MAP_GPA_RANGE")
                 self.converter.convert(gpa, npages * PAGE_SIZE, to_private, self.policy_for.get(vcpu.id))
                 ret = 0
             except ConversionError as e:
@@ -120,5 +154,5 @@ class PrivateMemoryHandlers(ExitHandlers):
             except OSError as e:  # KVM refused the attributes: tell the guest, keep the VM
                 self.counts.rejected_hypercalls += 1
                 ret = -(e.errno or errno.EINVAL)
-        vcpu.kvm_run.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        vcpu.set_hypercall_ret(ret)
         return True

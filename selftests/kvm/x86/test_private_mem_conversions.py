@@ -8,16 +8,14 @@ each in its own window, and one guest_memfd split over M memslots.
 
 One deliberate difference: vmm's conversions discard the shared side when a range turns private
 (as QEMU does), so where the kernel's host expects stale shared data after a private period, ours
-expects zeros in the discarding pass."""
+expects zeros in the discarding pass. The host reads a private range through
+GuestMemory.shared_views (its shared backing, on purpose: plain views refuse private ranges)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from vmm import ConversionPolicy, Kvm, Machine, PrivateMemoryHandlers, Ucall, UcallCmd, VmType, load_guest
-from vmm.kvm import syscalls
 
 pytestmark = pytest.mark.private_mem
 
@@ -37,12 +35,13 @@ def host_check(m: Machine, uc: Ucall) -> None:
         handlers.policy_for[uc.vcpu_id] = PASSES[gpa]
         return
     if kind == SYNC_PUNCH:
-        m.converter.punch(gpa, size)
+        m.converter.punch_hole(gpa, size)
         return
     assert kind in (SYNC_SHARED, SYNC_PRIVATE), f"unknown sync {kind}"
     policy = handlers.policy_for.get(uc.vcpu_id, m.converter.policy)
     expected = 0 if through_private and policy.discard else pattern
-    for piece_gpa, view in m.memory.views(gpa, size):
+    views = m.memory.shared_views if kind == SYNC_PRIVATE else m.memory.views  # views() refuses private
+    for piece_gpa, view in views(gpa, size):
         data = bytes(view)
         if data.count(expected) != len(data):
             bad = next(i for i, b in enumerate(data) if b != expected)
@@ -55,23 +54,21 @@ def host_check(m: Machine, uc: Ucall) -> None:
 
 def run_conversions(kvm: Kvm, nr_vcpus: int, nr_memslots: int) -> None:
     """test_mem_conversions(): one guest_memfd over M memslots, N vCPUs each in its own window."""
+    size = PER_CPU_SIZE * nr_vcpus
     with Machine(kvm=kvm, vm_type=VmType.SW_PROTECTED, vcpus=nr_vcpus) as m:
-        m.add_private_memory(BASE_DATA_GPA, PER_CPU_SIZE * nr_vcpus, slots=nr_memslots)
+        regions = m.add_private_memory(BASE_DATA_GPA, size, slots=nr_memslots)
         m.load(load_guest("private_mem_conversions"), arg=BASE_DATA_GPA)
-        gmem_copy = os.dup(m._gmems[0].fd)
-        try:
-            results = m.run_all(timeout=300, on_sync=lambda uc: host_check(m, uc))
-            assert all(isinstance(r, Ucall) and r.cmd == UcallCmd.DONE for r in results)
-            assert m.converter.stats.conversions > 0
-        finally:
-            m.close()
-        # the guest_memfd keeps its VM alive: it still allocates and punches after the VM is gone
-        try:
-            size = PER_CPU_SIZE * nr_vcpus
-            syscalls.fallocate(gmem_copy, syscalls.FALLOC_FL_KEEP_SIZE | syscalls.FALLOC_FL_PUNCH_HOLE, 0, size)
-            syscalls.fallocate(gmem_copy, syscalls.FALLOC_FL_KEEP_SIZE, 0, size)
-        finally:
-            os.close(gmem_copy)
+        assert regions[0].gmem is not None
+        with regions[0].gmem.dup() as gmem:  # every slot holds its own fd of the one guest_memfd
+            try:
+                results = m.run_all(timeout=300, on_sync=lambda uc: host_check(m, uc))
+                assert all(isinstance(r, Ucall) and r.cmd == UcallCmd.DONE for r in results)
+                assert m.converter is not None and m.converter.stats.conversions > 0
+            finally:
+                m.close()
+            # the guest_memfd keeps its VM alive: it still allocates and punches after the VM is gone
+            gmem.punch_hole(0, size)
+            gmem.allocate(0, size)
 
 
 def test_private_mem_conversions(private_kvm: Kvm) -> None:
