@@ -20,7 +20,9 @@ from vmm.errors import (  # noqa: E402  (after __version__: setup tools read it 
     GuestTimeout,
     KvmError,
     MemoryFaultError,
+    UcallError,
     UnexpectedExit,
+    VcpuStopped,
     VmmError,
 )
 from vmm.guest import GuestImage, Machine, Mode, Ucall, UcallCmd, load_guest  # noqa: E402
@@ -64,8 +66,10 @@ __all__ = [
     "Region",
     "Ucall",
     "UcallCmd",
+    "UcallError",
     "UnexpectedExit",
     "Vcpu",
+    "VcpuStopped",
     "Vm",
     "VmType",
     "VmmError",

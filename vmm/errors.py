@@ -6,7 +6,9 @@ VmmError            a user mistake or unmet requirement: str() is one line for t
 └── GuestError      the guest stopped in a way the test did not expect
     ├── GuestAssertion    GUEST_ASSERT/GUEST_FAIL in the guest
     ├── UnexpectedExit    an exit no handler took
+    │   └── UcallError    a ucall with a pointer or length outside guest memory, or an unknown command
     ├── GuestTimeout      the run did not finish in time
+    ├── VcpuStopped       the run was stopped from outside (another vCPU of the run failed)
     └── MemoryFaultError  a KVM_EXIT_MEMORY_FAULT the VMM cannot resolve
 """
 
@@ -75,8 +77,30 @@ class UnexpectedExit(GuestError):
         super().__init__(f"vCPU {vcpu_id}: {what}\n{state}")
 
 
+class UcallError(UnexpectedExit):
+    """A ucall the VMM cannot honour: its block, a string or a PRINT text lies (partly) outside guest
+    memory, or its command is unknown (the kernel's ``TEST_FAIL("Unknown ucall 0x%lx.")``). The
+    guest's failure, not the user's: ``address``/``length`` are the bad range, ``cmd`` the command (None when
+    the block itself is unreadable)."""
+
+    def __init__(
+        self, vcpu_id: int, exit: Exit, state: str, why: str, cmd: int | None, address: int | None, length: int | None
+    ) -> None:
+        self.cmd, self.address, self.length = cmd, address, length
+        super().__init__(vcpu_id, exit, state, why)
+
+
 class GuestTimeout(GuestError):
     """The guest did not finish within the allowed time."""
+
+
+class VcpuStopped(GuestError):
+    """A vCPU's run was stopped from outside (Runner.stop): in Machine.run_all, because another
+    vCPU of the same run failed first; run_all reports that failure, not this."""
+
+    def __init__(self, vcpu_id: int, why: str) -> None:
+        self.vcpu_id = vcpu_id
+        super().__init__(f"vCPU {vcpu_id}: {why}")
 
 
 class MemoryFaultError(GuestError):

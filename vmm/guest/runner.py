@@ -1,63 +1,101 @@
 """The run loop: enters a vCPU until a ucall the test wants, dispatching every other exit to a
-handler, and stopping with a clear error on guest asserts, unexpected exits and timeouts."""
+handler, and stopping with a clear error on guest asserts, bad ucalls, unexpected exits, timeouts
+and stops.
+
+The guest is untrusted: its strings are shown as data (dump.printable), its pointers and lengths
+are checked against guest memory (a bad one is the guest's failure: UcallError), a failed assert's
+file name only selects the guest's own source (never a host path), its output is bounded per run,
+and a timeout bounds the whole run (run_until_done, Machine.run_all), not each step."""
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
 import time
-import weakref
-from typing import TYPE_CHECKING, Callable, cast
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
-from vmm.errors import GuestAssertion, GuestTimeout, UnexpectedExit, VmmError
+from vmm.errors import GuestAssertion, GuestError, GuestTimeout, UcallError, UnexpectedExit, VcpuStopped, VmmError
 from vmm.kvm.exits import Exit, ExitHandlers, HypercallExit, IoExit, MemoryFaultExit, MmioExit
-from .dump import vcpu_state
-from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SIZE
-from .ucall import Ucall, UcallCmd, decode
 from vmm.kvm.uapi import KVM_EXIT_IO_OUT, ExitReason
 
+from .dump import guest_text, read_source_line, source_line, vcpu_state
+from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SIZE
+from .ucall import GuestOutput, Ucall, UcallCmd, decode
+
 if TYPE_CHECKING:
-    from vmm.memory.regions import GuestMemory
     from vmm.kvm.vcpu import Vcpu
+    from vmm.memory.regions import GuestMemory
 
 # Hot path of Runner.run (one pass per guest exit): plain ints, since an IntEnum member lookup
 # costs ~0.1 us in CPython 3.11, and struct instead of slicing + int.from_bytes.
-_EXIT_IO = int(ExitReason.IO)
-_RETURNING_UCALLS = (int(UcallCmd.SYNC), int(UcallCmd.DONE))
+_EXIT_IO, _EXIT_INTR, _EXIT_HLT = int(ExitReason.IO), int(ExitReason.INTR), int(ExitReason.HLT)
+_SYNC, _DONE, _PRINT, _ABORT = int(UcallCmd.SYNC), int(UcallCmd.DONE), int(UcallCmd.PRINT), int(UcallCmd.ABORT)
 _U32 = struct.Struct("<I")
 
+#: bytes of one PRINT shown at most (the kernel's UCALL_BUFFER_LEN is 1024); the rest is cut, with a note
+PRINT_MAX = 4096
+#: bytes of an assert's file name and expression read from the guest at most
+NAME_MAX, EXPR_MAX = 255, 1024
 
 
+def deadline_after(timeout: float | None) -> float | None:
+    """The time.monotonic() at which ``timeout`` seconds from now end (None: no timeout); VmmError
+    unless ``timeout`` is None or a finite number > 0 (nan, inf, 0 and negatives would not bound)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
+        raise VmmError(f"timeout {timeout!r}: expected a finite number of seconds > 0 (or None for no timeout)")
+    return time.monotonic() + timeout
 
 
 class _Watchdog:
-    """One daemon thread that kicks vCPUs whose deadline passed (cheaper than a timer per run)."""
-
-    PERIOD = 0.02
+    """One daemon thread that kicks runners whose deadline passed. It sleeps until the earliest
+    deadline (no polling) and holds a runner only while the runner is watched: run(),
+    run_until_done() and run_all() stop watching when they end, whatever ends them."""
 
     def __init__(self) -> None:
-        self.runners: "weakref.WeakSet[Runner]" = weakref.WeakSet()
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._deadlines: dict[Runner, float] = {}
+        self._wake = math.inf  # when the thread wakes up next
+        self._thread: threading.Thread | None = None
 
-    def watch(self, runner: "Runner") -> None:
-        with self.lock:
-            self.runners.add(runner)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="vmm-watchdog", daemon=True)
-                self.thread.start()
+    def watch(self, runner: Runner, deadline: float) -> None:
+        """Kick ``runner`` (timed_out set) once time.monotonic() passes ``deadline``."""
+        with self._cond:
+            self._deadlines[runner] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vmm-watchdog", daemon=True)
+                self._thread.start()
+            if deadline < self._wake:
+                self._cond.notify()
+
+    def unwatch(self, runner: Runner) -> None:
+        """Forget ``runner`` (no reference to it is left here)."""
+        with self._cond:
+            self._deadlines.pop(runner, None)
+
+    def watched(self) -> int:
+        """How many runners are watched now."""
+        with self._cond:
+            return len(self._deadlines)
 
     def _loop(self) -> None:
-        while True:
-            time.sleep(self.PERIOD)
-            now = time.monotonic()
-            with self.lock:
-                runners = list(self.runners)
-            for r in runners:
-                if r.deadline is not None and now >= r.deadline and not r.timed_out:
-                    r.timed_out = True
-                    r.vcpu.kick()
+        with self._cond:
+            while True:
+                self._wake = self._kick_due(time.monotonic())
+                self._cond.wait(None if self._wake == math.inf else self._wake - time.monotonic())
+
+    def _kick_due(self, now: float) -> float:
+        """Kick the runners due by ``now``; the next deadline. (A function of its own so that no
+        local variable keeps a runner alive while the thread sleeps.)"""
+        for runner in [r for r, d in self._deadlines.items() if d <= now]:
+            del self._deadlines[runner]
+            runner._time_out()
+        return min(self._deadlines.values(), default=math.inf)
 
 
 _watchdog = _Watchdog()
@@ -73,31 +111,134 @@ class Runner:
 
     def __init__(
         self,
-        vcpu: "Vcpu",
-        memory: "GuestMemory",
+        vcpu: Vcpu,
+        memory: GuestMemory,
         handlers: ExitHandlers | None = None,
         output: Callable[[int, str], None] = print_guest_output,
+        source: Path | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.memory = memory
         self.handlers = handlers or ExitHandlers()
-        self.output = output
         self.exit_counts = [0] * 64
-        self.deadline: float | None = None
-        self.timed_out = False
-        self._console = bytearray()
-        self.source_dirs: list[str] = []  # where to look up the source line of a failed assert
+        self.source = source  # the guest's own source: a failed assert naming it shows its line
+        self.timed_out = False  # set by the watchdog (or a caller) before it kicks the vCPU
+        self.stop_reason: str | None = None  # set by stop()
+        self._timeout: float | None = None  # the bound of the current run, for its message
+        self._kick_lock = threading.Lock()  # kick() never signals a thread that has left the loop
+        self.guest_output = GuestOutput(vcpu.id, output)  # PRINTs and console lines, bounded per run
+
+    @property
+    def output(self) -> Callable[[int, str], None]:
+        """Where guest PRINTs and console lines go: ``output(vcpu_id, text)``."""
+        return self.guest_output.output
+
+    @output.setter
+    def output(self, output: Callable[[int, str], None]) -> None:
+        self.guest_output.output = output
+
+    # --- entry points ---------------------------------------------------------------------------
+    #
+    # A kick (stop() or the watchdog's timeout) sets its flag, then kicks the vCPU under _kick_lock:
+    # immediate_exit for the next entry, and KICK_SIGNAL to vcpu.thread_ident for a KVM_RUN in
+    # progress. The loop clears immediate_exit before it reads the flags, so no kick is lost; the
+    # flags are consumed by the error they raise and reset when a run begins. A thread clears
+    # thread_ident under the same lock before it leaves a run (run_until_done, run_all's threads,
+    # a timed run()), so no kick ever signals a thread that may have ended. Only the untimed run()
+    # step, the benchmark's hot path, clears it without the lock.
 
     def run(self, timeout: float | None = None) -> Ucall | Exit:
-        """Enter the guest until it syncs, finishes or halts; ``timeout`` seconds at most."""
-        vcpu, run_page, counts = self.vcpu, self.vcpu.kvm_run, self.exit_counts
-        run_bytes, io, enter = vcpu.run_bytes, run_page.io, vcpu.run  # views reused for every exit
-        low_view, low_end = self._low_memory()
+        """Enter the guest until it syncs, finishes or halts; ``timeout`` seconds at most for this
+        call (a finite number > 0, or None). A stop() since the last step makes this one raise
+        VcpuStopped. A console line the guest has not ended is passed on when it finishes, fails or
+        halts."""
+        vcpu = self.vcpu
+        if timeout is None:  # the stepping hot path (one call per SYNC): no watchdog, no lock
+            vcpu.thread_ident = threading.get_ident()
+            try:
+                return self._loop()
+            finally:
+                vcpu.thread_ident = None
+        self._begin(timeout, deadline_after(timeout))
         vcpu.thread_ident = threading.get_ident()
-        if timeout is not None:
+        try:
+            return self._loop()
+        finally:
+            self._leave()
+            self._finish()
+
+    def run_until_done(
+        self, timeout: float | None = None, on_sync: Callable[[Ucall], None] | None = None
+    ) -> Ucall | Exit:
+        """Run through SYNCs (passed to ``on_sync``) until DONE or HLT; ``timeout`` seconds at most
+        for the whole run (a finite number > 0, or None), however many SYNCs it makes."""
+        self._begin(timeout, deadline_after(timeout))
+        try:
+            return self._until_done(on_sync)
+        finally:
+            self._finish()
+
+    def stop(self, why: str = "stopped from outside") -> None:
+        """Make the current run raise VcpuStopped promptly (or, between run() steps, the next
+        step), from any thread: a vCPU inside KVM_RUN leaves it at once."""
+        with self._kick_lock:
+            self.stop_reason = why
+            self.vcpu.kick()
+
+    def _time_out(self) -> None:
+        """The watchdog's kick: the run raises GuestTimeout."""
+        with self._kick_lock:
+            self.timed_out = True
+            self.vcpu.kick()
+
+    def _begin(self, timeout: float | None, deadline: float | None) -> None:
+        """Start a run: no timeout or stop pending, no kick left over from the last run, and the
+        watchdog watching ``deadline`` (an absolute time.monotonic(); None: no timeout)."""
+        self.timed_out = False
+        self.stop_reason = None
+        self._timeout = timeout
+        if self.vcpu.kvm_run is not None:
+            self.vcpu.kvm_run.immediate_exit = 0
+        if deadline is not None:
+            _watchdog.watch(self, deadline)
+
+    def _leave(self) -> None:
+        """The running thread leaves the run: no kick signals it after this."""
+        with self._kick_lock:
+            self.vcpu.thread_ident = None
+
+    def _finish(self) -> None:
+        """End a run: the watchdog lets go of this runner, and a kick that came as the run ended
+        is dropped."""
+        _watchdog.unwatch(self)
+        with self._kick_lock:
             self.timed_out = False
-            self.deadline = time.monotonic() + timeout
-            _watchdog.watch(self)
+            self.stop_reason = None
+            if self.vcpu.kvm_run is not None:
+                self.vcpu.kvm_run.immediate_exit = 0
+
+    def _until_done(self, on_sync: Callable[[Ucall], None] | None) -> Ucall | Exit:
+        """run_until_done between _begin and _finish, on the vCPU's thread (Machine.run_all begins
+        every runner before it starts any thread)."""
+        self.vcpu.thread_ident = threading.get_ident()
+        try:
+            while True:
+                result = self._loop()
+                if isinstance(result, Ucall) and result.cmd == _SYNC:
+                    if on_sync:
+                        on_sync(result)
+                    continue
+                return result
+        finally:
+            self._leave()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> Ucall | Exit:
+        """Enter the guest until SYNC, DONE or HLT (an exception for everything that ends the run)."""
+        vcpu, run_page, counts = self.vcpu, self.vcpu.kvm_run, self.exit_counts
+        run_bytes, io, enter, vcpu_id = vcpu.run_bytes, run_page.io, vcpu.run, vcpu.id  # reused for every exit
+        low_view, low_end = self._low_memory()
         try:
             while True:
                 reason = enter()
@@ -105,30 +246,45 @@ class Runner:
                 if reason == _EXIT_IO:
                     if io.port == UCALL_PORT and io.direction == KVM_EXIT_IO_OUT and io.size == 4:
                         addr = _U32.unpack_from(run_bytes, io.data_offset)[0]
-                        if addr <= low_end:
-                            uc = decode(low_view, vcpu.id, addr)
-                        else:
-                            uc = decode(self.memory.view(addr, UCALL_SIZE), vcpu.id)
-                        if uc.cmd in _RETURNING_UCALLS:
+                        uc = decode(low_view, vcpu_id, addr) if addr <= low_end else self._far_ucall(addr)
+                        cmd = uc.cmd
+                        if cmd == _SYNC:
+                            return uc
+                        if cmd == _DONE:
+                            self.guest_output.end()
                             return uc
                         self._ucall(uc)
                     elif io.port == DEBUGCON_PORT and io.direction == KVM_EXIT_IO_OUT:
-                        self._debugcon(cast(IoExit, vcpu.exit(reason)).data)
+                        off = io.data_offset
+                        self.guest_output.console(run_bytes[off : off + io.size * io.count].tobytes())
                     elif not self.handlers.on_io(vcpu, cast(IoExit, vcpu.exit(reason))):
                         raise self.unexpected(reason)
-                elif reason == ExitReason.INTR:
+                elif reason == _EXIT_INTR:
+                    # clear first, then look: a kick sets its flag before immediate_exit, so none is lost
                     run_page.immediate_exit = 0
-                    if self.timed_out:
-                        raise GuestTimeout(
-                            f"vCPU {vcpu.id}: no ucall within {timeout} s (guest still running)\n"
-                            + vcpu_state(vcpu, self.memory)
-                        )
-                elif reason == ExitReason.HLT:
+                    if self.timed_out or self.stop_reason is not None:
+                        raise self._interrupted()
+                elif reason == _EXIT_HLT:
+                    self.guest_output.end()
                     return vcpu.exit(reason)
                 elif not self._dispatch(reason):
                     raise self.unexpected(reason)
-        finally:
-            self.deadline = None
+        except BaseException:
+            self.guest_output.end()
+            raise
+
+    def _interrupted(self) -> GuestError:
+        """The error for a kick: a timeout (the watchdog's) or a stop (stop()'s); it consumes the flag."""
+        vcpu, why = self.vcpu, self.stop_reason
+        self.stop_reason = None
+        if self.timed_out:
+            self.timed_out = False
+            within = f"within {self._timeout:g} s " if self._timeout is not None else ""
+            return GuestTimeout(
+                f"vCPU {vcpu.id}: the run did not finish {within}(guest still running)\n"
+                + vcpu_state(vcpu, self.memory)
+            )
+        return VcpuStopped(vcpu.id, why or "stopped")
 
     def _dispatch(self, reason: int) -> bool:
         """Hand an exit the loop does not decide itself to its handler (Firecracker's
@@ -149,49 +305,79 @@ class Runner:
             low = self.memory.region_at(0)
         except VmmError:
             return b"", -1
-        return low.view, low.end - UCALL_SIZE
+        if not low.host_view.nbytes:
+            return b"", -1
+        return low.host_view, low.end - UCALL_SIZE
 
     def unexpected(self, reason: int) -> UnexpectedExit:
         """The error for an exit nobody handled, with registers and code at RIP."""
         return UnexpectedExit(self.vcpu.id, self.vcpu.exit(reason), vcpu_state(self.vcpu, self.memory))
 
-    def _ucall(self, uc: Ucall) -> None:
-        if uc.cmd == UcallCmd.PRINT:
-            self.output(uc.vcpu_id, bytes(self.memory.view(uc.args[0], uc.args[1])).decode(errors="replace"))
-        elif uc.cmd == UcallCmd.ABORT:
-            file = self.memory.read_string(uc.args[0])
-            expr = self.memory.read_string(uc.args[2])
-            line = _source_line(self.source_dirs, file, uc.args[1])
-            raise GuestAssertion(uc.vcpu_id, file, uc.args[1], expr, uc.args[3], uc.args[4], line)
-        else:
-            raise self.unexpected(ExitReason.IO)
+    # --- ucalls ---------------------------------------------------------------------------------
 
-    def _debugcon(self, data: bytes) -> None:
-        self._console += data
-        while b"\n" in self._console:
-            line, _, rest = bytes(self._console).partition(b"\n")
-            self._console = bytearray(rest)
-            self.output(self.vcpu.id, line.decode(errors="replace"))
+    def _bad_ucall(
+        self, why: str, cmd: int | None, address: int | None = None, length: int | None = None
+    ) -> UcallError:
+        vcpu, exit = self.vcpu, self.vcpu.exit(ExitReason.IO)
+        state = vcpu_state(vcpu, self.memory)
+        return UcallError(vcpu.id, exit, state, f"bad ucall: {why}\n  at {exit}", cmd, address, length)
 
-    def run_until_done(self, timeout: float | None = None, on_sync: Callable[[Ucall], None] | None = None) -> Ucall | Exit:
-        """Run through SYNCs (passed to ``on_sync``) until DONE or HLT."""
-        while True:
-            result = self.run(timeout)
-            if isinstance(result, Ucall) and result.cmd == UcallCmd.SYNC:
-                if on_sync:
-                    on_sync(result)
-                continue
-            return result
-
-
-def _source_line(dirs: list[str], file: str, line: int) -> str:
-    """The text of ``file``:``line`` when the guest source is found in one of ``dirs``."""
-    for base in dirs:
+    def _far_ucall(self, addr: int) -> Ucall:
+        """A ucall block outside the slot-0 fast path; UcallError when it is not all in guest memory."""
         try:
-            with open(os.path.join(base, file), errors="replace") as f:
-                for i, text in enumerate(f, 1):
-                    if i == line:
-                        return text
-        except OSError:
-            continue
-    return ""
+            return decode(self.memory.view(addr, UCALL_SIZE), self.vcpu.id)
+        except VmmError as e:
+            raise self._bad_ucall(
+                f"block [{addr:#x}, +{UCALL_SIZE:#x}) is outside the guest memory the host reads: {e}",
+                None,
+                addr,
+                UCALL_SIZE,
+            ) from None
+
+    def _guest_bytes(self, uc: Ucall, what: str, addr: int, length: int, limit: int) -> bytes:
+        """The first ``limit`` bytes of [addr, addr+length), which must lie in one memslot the host
+        may read; UcallError otherwise."""
+        try:
+            region = self.memory.region_at(addr)
+            if length > region.end - addr:
+                raise VmmError(f"it crosses the end of its memslot at {region.end:#x}")
+            return bytes(self.memory.view(addr, min(length, limit)))
+        except VmmError as e:
+            raise self._bad_ucall(
+                f"{what} [{addr:#x}, +{length:#x}) is outside the guest memory the host reads: {e}",
+                uc.cmd,
+                addr,
+                length,
+            ) from None
+
+    def _string(self, uc: Ucall, what: str, addr: int, limit: int) -> str:
+        """A NUL-terminated guest string (cut at ``limit`` bytes or its memslot's end), as data."""
+        try:
+            end = self.memory.region_at(addr).end
+        except VmmError as e:
+            raise self._bad_ucall(
+                f"{what} at {addr:#x} is outside the guest memory the host reads: {e}", uc.cmd, addr
+            ) from None
+        raw = self._guest_bytes(uc, what, addr, min(limit, end - addr), limit)
+        return guest_text(raw.split(b"\0", 1)[0])
+
+    def _ucall(self, uc: Ucall) -> None:
+        """PRINT and ABORT; any other command is the guest's failure (as in the kernel's ucall)."""
+        if uc.cmd == _PRINT:
+            addr, length = uc.args[0], uc.args[1]
+            text = guest_text(self._guest_bytes(uc, "PRINT text", addr, length, PRINT_MAX))
+            note = f" [vmm: PRINT cut at {PRINT_MAX} of {length} bytes]" if length > PRINT_MAX else ""
+            self.guest_output.line(text + note, min(length, PRINT_MAX))
+        elif uc.cmd == _ABORT:
+            file = self._string(uc, "ABORT file name", uc.args[0], NAME_MAX)
+            expr = self._string(uc, "ABORT expression", uc.args[2], EXPR_MAX)
+            line = uc.args[1]
+            text = self._source_line(file, line)
+            raise GuestAssertion(uc.vcpu_id, file, line, expr, uc.args[3], uc.args[4], text)
+        else:
+            raise self._bad_ucall(f"Unknown ucall {uc.cmd:#x}.", uc.cmd)
+
+    def _source_line(self, file: str, line: int) -> str:
+        """The assert's source line, from the guest's own source only (``source``): the name the
+        guest sends selects that file or nothing, never a host path."""
+        return source_line(self.source, file, line)

@@ -11,15 +11,26 @@ guest memory: one exit per call and no extra ioctl. Layout, all little-endian u6
     ABORT  args[0] = address of the NUL-terminated source file name, args[1] = line,
            args[2] = address of the NUL-terminated expression, args[3] = left value, args[4] = right
     DONE   no args: the guest passed
+
+Everything in a block is the guest's word, not the host's: the run loop (vmm.guest.runner) checks
+the block's address and every pointer and length against guest memory, reads at most a bounded
+amount (PRINT_MAX, NAME_MAX, EXPR_MAX), prints strings as data, and stops the run with UcallError
+on a bad pointer or an unknown command (the kernel's ``TEST_FAIL("Unknown ucall 0x%lx.")``).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
-from .layout import UCALL_SIZE
+from .dump import guest_text
+
+#: a console line (port 0xe9) is passed on in pieces of at most this many bytes
+CONSOLE_LINE_MAX = 4096
+#: guest output (console bytes and PRINT text) passed on per run by default; the rest is counted and dropped
+OUTPUT_MAX = 1 << 20
 
 _UCALL = struct.Struct("<7Q")
 
@@ -53,3 +64,66 @@ def decode(block: memoryview | bytes, vcpu_id: int = 0, offset: int = 0) -> Ucal
     """Decode a ucall block read from guest memory (at ``offset`` in ``block``)."""
     values = _UCALL.unpack_from(block, offset)
     return _new(Ucall, (values[0], values[1:], vcpu_id))
+
+
+class GuestOutput:
+    """What one vCPU says, PRINTs and console bytes (port 0xe9), passed on to ``output`` line by
+    line, as data (dump.guest_text), within a budget of ``limit`` bytes per run: a console line
+    longer than CONSOLE_LINE_MAX comes in pieces, output over the budget is counted and dropped
+    (with a note when the budget runs out and the count at the end), and ``end()`` passes on an
+    unended line. Every note vmm adds is in brackets and starts with "vmm:"."""
+
+    def __init__(self, vcpu_id: int, output: Callable[[int, str], None], limit: int = OUTPUT_MAX) -> None:
+        self.vcpu_id, self.output, self.limit = vcpu_id, output, limit
+        self._console = bytearray()  # the console line being written
+        self._passed = 0  # bytes passed on this run
+        self._dropped = 0  # and dropped over the limit
+
+    def line(self, text: str, nbytes: int) -> None:
+        """Pass on one line of ``nbytes`` guest bytes (already made printable), within the budget."""
+        if self._passed >= self.limit:
+            self._dropped += nbytes
+            return
+        self._passed += nbytes
+        self.output(self.vcpu_id, text)
+        if self._passed >= self.limit:
+            self.output(self.vcpu_id, f"[vmm: guest output reached {self.limit} bytes this run: the rest is dropped]")
+
+    def console(self, data: bytes) -> None:
+        """Bytes OUT to the console port. One exit per byte is the ABI, so this stays short: append,
+        and look for lines only when a newline came or a bound is reached."""
+        console = self._console
+        if self._passed + len(console) >= self.limit:
+            self._dropped += len(data)
+            return
+        console += data
+        if b"\n" in data or len(console) >= CONSOLE_LINE_MAX or self._passed + len(console) >= self.limit:
+            self._console_lines()
+
+    def _console_lines(self) -> None:
+        """Pass on the complete lines, then CONSOLE_LINE_MAX-byte pieces of an unended one, and the
+        rest of it once the budget is full (so the note that says so comes now)."""
+        console = self._console
+        while (end := console.find(b"\n")) >= 0:
+            line = bytes(console[:end])
+            del console[: end + 1]
+            self.line(guest_text(line), end + 1)
+        while len(console) >= CONSOLE_LINE_MAX:
+            piece = bytes(console[:CONSOLE_LINE_MAX])
+            del console[:CONSOLE_LINE_MAX]
+            self.line(guest_text(piece) + f" [vmm: line longer than {CONSOLE_LINE_MAX} bytes, continued]", len(piece))
+        if console and self._passed + len(console) >= self.limit:
+            piece = bytes(console)
+            console.clear()
+            self.line(guest_text(piece), len(piece))
+
+    def end(self) -> None:
+        """The run ended (DONE, HLT, failure, timeout): pass on the unended console line, say how
+        much was dropped, and start a new budget."""
+        if self._console:
+            line = bytes(self._console)
+            self._console.clear()
+            self.line(guest_text(line) + " [vmm: no newline at the end of the run]", len(line))
+        if self._dropped:
+            self.output(self.vcpu_id, f"[vmm: {self._dropped} bytes of guest output dropped]")
+        self._passed = self._dropped = 0
