@@ -28,8 +28,8 @@ class Kvm(KvmFd):
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise VmmError(f"{path} does not exist: load kvm_intel/kvm_amd or use a host with KVM") from None
-        except PermissionError:
-            raise VmmError(f"no permission to open {path}: run as root or join the 'kvm' group") from None
+        except PermissionError:  # the advice follows the device's real owner, group and mode
+            raise VmmError(f"no read/write access to {path} ({access_advice(path)})") from None
         except OSError as e:
             raise VmmError(f"cannot open {path}: {os.strerror(e.errno or 0)}") from None
         super().__init__(fd)
@@ -77,3 +77,44 @@ class Kvm(KvmFd):
     def create_vm(self, vm_type: VmType | int = VmType.DEFAULT) -> Vm:
         """KVM_CREATE_VM of the given type (KVM_X86_SW_PROTECTED_VM for private memory)."""
         return Vm(self, self.ioctl(uapi.KVM_CREATE_VM, int(vm_type)), int(vm_type), self.vcpu_mmap_size)
+
+
+def access_advice(path: str) -> str:
+    """Why this process may not open ``path`` read/write, from the file's owner, group and mode, and
+    what to do: e.g. "root:kvm 0660: join group kvm", "root:root 0600: run as root". Used by the
+    error in Kvm() (what `vmm boot` and `vmm doctor` print) and by the ``kvm`` fixture's skip."""
+    import grp
+    import pwd
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return os.strerror(e.errno or 0)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        entry = grp.getgrgid(st.st_gid)
+        group, members = entry.gr_name, entry.gr_mem
+    except KeyError:
+        group, members = str(st.st_gid), []
+    mode = stat.S_IMODE(st.st_mode)
+    rw = 0o6
+    user_rw, group_rw, other_rw = (mode >> 6) & rw == rw, (mode >> 3) & rw == rw, mode & rw == rw
+    in_group = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if other_rw or (user_rw and st.st_uid == os.geteuid()) or (group_rw and in_group):
+        advice = "the mode allows it: an ACL, a security module or a nodev mount refuses it"
+    elif group_rw:
+        try:
+            me = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            me = ""
+        # listed in /etc/group but not in this process's groups: the membership starts at the next login
+        advice = f"you were added to group {group}: log in again" if me in members else f"join group {group}"
+    elif user_rw:
+        advice = f"run as {owner}"
+    else:
+        advice = "its mode gives no one read/write access"
+    return f"{owner}:{group} {mode:04o}: {advice}"

@@ -4,6 +4,7 @@ print. User mistakes end in one line on stderr and a documented exit code, never
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import NoReturn
 
 import click
 
-from vmm.errors import GuestAssertion, GuestTimeout, UnexpectedExit, VmmError
+from vmm.errors import GuestAssertion, GuestError, GuestTimeout, VmmError
 from vmm.guest import Machine, Ucall, UcallCmd, load_guest
 from vmm.guest.layout import DATA_GPA
 from vmm.kvm import Kvm
@@ -84,6 +85,13 @@ def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
         fail("--backing guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP|INIT_SHARED in KVM_CAP_GUEST_MEMFD_FLAGS")
 
 
+def _finite_seconds(value: float) -> float:
+    """--timeout's check beyond FloatRange (which lets nan and inf through): a finite number."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds.")
+    return value
+
+
 @cli.command()
 @click.argument("guest_spec", metavar="GUEST", default="hello")
 @click.option("--mem", "mem", default="4M", show_default=True, help="Guest memory (slot 0), e.g. 4M, 64M.")
@@ -102,7 +110,14 @@ def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
     "--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables."
 )
 @click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds before the guest is stopped.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    callback=lambda ctx, param, value: _finite_seconds(value),
+    default=10.0,
+    show_default=True,
+    help="Seconds for the whole run (every vCPU, all its SYNCs); then the guest is stopped (exit 4).",
+)
 @click.option(
     "--vm-type",
     type=click.Choice(["default", "sw_protected"]),
@@ -168,6 +183,8 @@ def boot(
         with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
             if private:
                 m.add_private_memory(DATA_GPA, private_size)
+                if m.converter is not None:
+                    m.converter.start_accounting()  # the baseline the "private" bytes below count from
                 if arg == "0":
                     user_arg = DATA_GPA
 
@@ -187,7 +204,7 @@ def boot(
                 code, verdict = EXIT_ASSERT, f"FAILED: {e}"
             except GuestTimeout as e:
                 code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
-            except UnexpectedExit as e:
+            except GuestError as e:  # UnexpectedExit, UcallError, MemoryFaultError: the guest's failure
                 code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
             elapsed = time.monotonic() - start
             _report(m, image.name, verdict, elapsed, syncs)
@@ -228,12 +245,28 @@ def _accounting(m: Machine, uc: Ucall) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def selftest(pytest_args: tuple[str, ...]) -> None:
-    """Run the selftests on this host (arguments go to pytest)."""
+    """Run the selftests on this host (arguments go to pytest).
+
+    Without read/write access to /dev/kvm the tests that need it skip, each naming the missing
+    access, and the others still run (a one-line note on stderr says so first)."""
+    from vmm.paths import cache_dir
+
     tests = CHECKOUT / "selftests"
     if not tests.is_dir():
         fail(f"selftests not found at {tests} (run from a checkout)")
-    cmd = [sys.executable, "-m", "pytest", str(tests), *pytest_args]
-    sys.exit(subprocess.call(cmd, cwd=CHECKOUT))
+    try:
+        Kvm().close()
+    except VmmError as e:
+        click.echo(f"vmm: {e}: the tests that need it will skip", err=True)
+    # the whole suite unless the arguments name test files or directories themselves (pytest would run both)
+    named = any(not a.startswith("-") and (CHECKOUT / a.split("::")[0]).exists() for a in pytest_args)
+    cmd = [sys.executable, "-m", "pytest", *([] if named else [str(tests)]), *pytest_args]
+    env = dict(os.environ)
+    if not os.access(CHECKOUT, os.W_OK):  # a read-only checkout: pytest's and hypothesis's caches go elsewhere
+        if not any("no:cacheprovider" in a for a in pytest_args):  # without it, cache_dir is an unknown option
+            cmd += ["-o", f"cache_dir={cache_dir() / 'pytest'}"]
+        env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(cache_dir() / "hypothesis"))
+    sys.exit(subprocess.call(cmd, cwd=CHECKOUT, env=env))
 
 
 @cli.command("nested", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -249,7 +282,13 @@ def selftest(pytest_args: tuple[str, ...]) -> None:
     metavar="SHELL_COMMAND",
     help="Run this shell command inside (in the checkout, venv first on PATH) instead of pytest.",
 )
-@click.option("--results", default=None, metavar="DIR", help="Results folder, emptied first [default: results/nested].")
+@click.option(
+    "--results",
+    default=None,
+    metavar="DIR",
+    help="Results folder [default: results/nested]. It must be new, empty, or one vmm made: vmm deletes only "
+    "what its earlier runs wrote there (listed in DIR/.vmm-nested) and refuses a folder with other files.",
+)
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def nested_cmd(
     kernel: str | None,
@@ -261,8 +300,12 @@ def nested_cmd(
 ) -> None:
     """Boot a test kernel with KVM_X86_SW_PROTECTED_VM under QEMU and run the selftests (or a command) inside.
 
-    Exit status: 0 passed, 1 tests (or the command) failed, 2 usage or set-up error, 3 the run
-    itself failed (kernel panic, timeout, no result)."""
+    Exit status: 0 passed, 1 tests (or the command) failed, 2 usage or set-up error (a refused
+    results folder too), 3 the run itself failed (kernel panic, timeout, no result), 128+N stopped
+    by signal N: 130 Ctrl-C (SIGINT), 129 SIGHUP, 143 SIGTERM. A stop kills QEMU at once and keeps
+    what came back (console.log and any result files); a second signal gets the default action (vmm
+    dies of it: still 128+N to a shell). QEMU never outlives vmm, even a SIGKILLed one. $VMM_QEMU
+    names the QEMU binary to run instead of qemu-system-x86_64."""
     if command is not None and pytest_args:
         fail("--command replaces pytest: give pytest arguments or --command, not both")
     if command is None and not pytest_args:
@@ -271,21 +314,35 @@ def nested_cmd(
     def echo(line: str) -> None:
         click.echo(line)
 
-    path = nested.find_kernel(kernel)
-    res = nested.run_nested(
-        path, accel, timeout, list(pytest_args), echo=echo, command=command, results=Path(results) if results else None
-    )
-    click.echo(nested.summary(res))
-    if res.boot_attempts > 1:
-        click.echo("  the first boot hung before init and was retried")
-    for line in res.kernel_warnings:
-        click.echo(f"  kernel: {line}")
-    files: list[tuple[str, Path | None]] = [("console", res.console_log)]
-    if command is None:
-        files[:0] = [("ktap", res.ktap), ("junit", res.junit)]
-    for label, file in files:
-        click.echo(f"  {label}: {file if file else 'missing'}")
-    sys.exit(nested.EXIT_CODES.get(res.verdict, 3))
+    try:
+        with nested.stop_on_signals():
+            path = nested.find_kernel(kernel)
+            res = nested.run_nested(
+                path,
+                accel,
+                timeout,
+                list(pytest_args),
+                echo=echo,
+                command=command,
+                results=Path(results) if results else None,
+            )
+    except nested.Interrupted as e:  # before QEMU started: nothing came back
+        fail(f"stopped by {e}", 128 + e.signum)
+    try:
+        click.echo(nested.summary(res))
+        if res.boot_attempts > 1:
+            click.echo("  the first boot hung before init and was retried")
+        for line in res.kernel_warnings:
+            click.echo(f"  kernel: {line}")
+        files: list[tuple[str, Path | None]] = [("console", res.console_log)]
+        if command is None:
+            files[:0] = [("ktap", res.ktap), ("junit", res.junit)]
+        for label, file in files:
+            click.echo(f"  {label}: {file if file else 'missing'}")
+    except OSError:  # after SIGHUP the terminal may be gone; the exit status still tells
+        if res.verdict is not nested.Verdict.INTERRUPTED:
+            raise
+    sys.exit(nested.exit_code(res))
 
 
 @cli.group()
@@ -381,15 +438,45 @@ def bench_conversions_cmd(
     sys.exit(1 if check and not bench_conversions.within_targets(result) else 0)
 
 
+def _command_names(ctx: click.Context | None) -> list[str]:
+    """The subcommands a usage error belongs to (["boot"], ["bench", "exits"]; [] for `vmm` itself)."""
+    names: list[str] = []
+    if ctx is not None:
+        while ctx.parent is not None:
+            names.append(ctx.info_name or "")
+            ctx = ctx.parent
+        return names[::-1]
+    # some parse errors (e.g. "--json=3" on a flag) come without a context: read the command line
+    command: click.Command = cli
+    for arg in sys.argv[1:]:
+        if isinstance(command, click.Group) and arg in command.commands:
+            names.append(arg)
+            command = command.commands[arg]
+        elif not arg.startswith("-"):
+            break
+    return names
+
+
+def _usage_line(e: click.UsageError) -> str:
+    """click's usage error as the README promises it: one line, "<command>: <message> (try `vmm <command> -h`)"."""
+    command = " ".join(_command_names(e.ctx))
+    message = " ".join(e.format_message().split())
+    return f"{command}: {message} (try `vmm {command} -h`)" if command else f"{message} (try `vmm -h`)"
+
+
 def main() -> None:
-    """Entry point: run the CLI, turning VmmError into a one-line message."""
+    """Entry point: run the CLI, turning VmmError and click's usage errors into one line (exit 2)."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except click.exceptions.NoArgsIsHelpError as e:  # `vmm`, `vmm bench`: click shows the help itself
         e.show()
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # bad option values, unknown options or commands, extra arguments
+        fail(_usage_line(e), EXIT_USAGE)
+    except click.ClickException as e:
+        fail(" ".join(e.format_message().split()), e.exit_code)
     except click.exceptions.Abort:
         fail("aborted", 130)
     except VmmError as e:

@@ -4,8 +4,12 @@ The requirement checks here are the ones the selftests use, so `vmm doctor` and 
 
 from __future__ import annotations
 
+import grp
+import os
 import platform
+import pwd
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +84,31 @@ GROUPS = (
 )
 
 
+def device_info(path: str) -> dict:
+    """Owner, group and mode of the KVM device, and who besides root may open it read/write (the
+    advice about the ``kvm`` group follows the device as it is, not a distribution's default)."""
+    st = os.stat(path)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    rw = 0o6
+    who = ["root"] + ([owner] if (mode >> 6) & rw == rw and owner != "root" else [])
+    if mode & rw == rw:
+        users, advice = "every user", ""
+    elif (mode >> 3) & rw == rw:
+        users, advice = f"{', '.join(who)} and members of group {group}", f"other users: join group {group}"
+    else:  # the mode gives the group nothing
+        users = " and ".join(who) if len(who) > 1 else "root only"
+        advice = f"other users: run as {' or '.join(reversed(who))}"
+    return {"path": path, "owner": owner, "group": group, "mode": f"{mode:04o}", "users": users, "advice": advice}
+
+
 def report(kvm: Kvm) -> dict:
     """Everything `vmm doctor` shows, as plain data (the --json output)."""
     types = sorted(kvm.vm_types())
@@ -108,6 +137,7 @@ def report(kvm: Kvm) -> dict:
         kernel = f"none ({e})"
     return {
         "kernel": platform.release(),
+        "device": device_info(kvm.path),
         "kvm_api_version": kvm.api_version(),
         "vm_types": [_type_name(t) for t in types],
         "capabilities": caps,
@@ -136,8 +166,11 @@ def _vm_label(t: int) -> str:
 
 def render(r: dict) -> str:
     """The human-readable doctor report."""
+    dev = r["device"]
     out = [
         f"kernel            {r['kernel']}",
+        f"device            {dev['path']} {dev['owner']}:{dev['group']} {dev['mode']}: usable by {dev['users']}"
+        + (f"; {dev['advice']}" if dev["advice"] else ""),
         f"KVM API version   {r['kvm_api_version']}",
         f"VM types          {', '.join(r['vm_types'])}",
         "",

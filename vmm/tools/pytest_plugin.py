@@ -14,9 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmm.errors import VmmError
 from vmm.guest import Machine, load_guest
 from vmm.kvm import Cap, GmemFlag, Kvm, Vm, VmType
 from vmm.kvm.caps import PRIVATE_MEM_REASON, private_memory
+from vmm.kvm.system import KVM_DEVICE, access_advice
 
 __all__ = ["boot", "require", "require_gmem_flags", "require_private_mem"]
 
@@ -45,8 +47,24 @@ def require_private_mem(kvm: Kvm) -> None:
 
 @pytest.fixture(scope="session")
 def kvm() -> Iterator[Kvm]:
-    """/dev/kvm, opened once for the session."""
-    with Kvm() as k:
+    """/dev/kvm, opened once for the session. Without it (no device, or no read/write access to it)
+    every test that asks for it skips with one reason naming what is missing, and the tests that
+    do not need it still run; with VMM_REQUIRE_PRIVATE_MEM=1 (the nested kernel) that fails instead."""
+    try:
+        k = Kvm()
+    except VmmError as e:
+        path = os.environ.get("VMM_KVM_DEVICE") or KVM_DEVICE
+        cause = e.__context__  # the os.open error Kvm() turned into a one-line message
+        if isinstance(cause, FileNotFoundError):
+            reason = f"needs {path} ({e})"
+        elif isinstance(cause, PermissionError):
+            reason = f"needs read/write access to {path} ({access_advice(path)})"
+        else:
+            raise  # the device is there and may be opened, but is not usable: an error, not a skip
+        if os.environ.get("VMM_REQUIRE_PRIVATE_MEM") == "1":
+            pytest.fail(f"VMM_REQUIRE_PRIVATE_MEM=1 but the test kernel's {reason}")
+        pytest.skip(reason)
+    with k:
         yield k
 
 
