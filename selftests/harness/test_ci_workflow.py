@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shlex
 import subprocess
@@ -84,32 +85,46 @@ def test_workflow_triggers_and_job() -> None:
         assert "timeout-minutes" in job, f"job {name} has no timeout"
 
 
-def test_kernel_cached_on_fragment_hash() -> None:
-    """The kernel build is cached under a key that hashes the config fragment and the build script."""
-    caches = [s for s in steps() if str(s.get("uses", "")).startswith("actions/cache@")]
-    assert len(caches) == 1, caches
-    key = caches[0]["with"]["key"]
-    assert "hashFiles(" in key and "scripts/test-kernel.config" in key and "scripts/build-test-kernel" in key
+KERNELS = ("6.12", "7.3")
 
 
-def test_kernel_built_only_on_cache_miss_into_the_cached_path() -> None:
-    """scripts/build-test-kernel runs only on a cache miss and installs into the cached folder."""
+def kernel_steps(version: str) -> tuple[dict, dict]:
+    """The cache step and the build step of one test kernel version."""
     all_steps = steps()
-    cache = next(s for s in all_steps if str(s.get("uses", "")).startswith("actions/cache@"))
-    build = [s for s in all_steps if "scripts/build-test-kernel" in s.get("run", "")]
-    assert len(build) == 1
-    assert build[0]["if"].replace(" ", "") == f"steps.{cache['id']}.outputs.cache-hit!='true'"
-    assert (
-        all_steps.index(cache)
-        < all_steps.index(build[0])
-        < all_steps.index(next(s for s in all_steps if "make test" in commands(s.get("run", ""))))
-    )
+    caches = [
+        s for s in all_steps if str(s.get("uses", "")).startswith("actions/cache@") and version in s["with"]["key"]
+    ]
+    builds = [s for s in all_steps if f"scripts/build-test-kernel --version {version}" in s.get("run", "")]
+    assert len(caches) == 1 and len(builds) == 1, (version, caches, builds)
+    return caches[0], builds[0]
+
+
+@pytest.mark.parametrize("version", KERNELS)
+def test_kernel_cached_on_fragment_hash(version: str) -> None:
+    """Each kernel is cached under a key that hashes both of its config fragments and the build script."""
+    cache, _ = kernel_steps(version)
+    key = cache["with"]["key"]
+    assert "hashFiles(" in key and "scripts/build-test-kernel" in key
+    assert "scripts/test-kernel.config" in key and f"scripts/test-kernel-{version}.config" in key
+    assert (ROOT / "scripts" / f"test-kernel-{version}.config").is_file()
+
+
+@pytest.mark.parametrize("version", KERNELS)
+def test_kernel_built_only_on_cache_miss_into_the_cached_path(version: str) -> None:
+    """scripts/build-test-kernel --version V runs only on V's cache miss and installs into the cached paths."""
+    all_steps = steps()
+    cache, build = kernel_steps(version)
+    assert build["if"].replace(" ", "") == f"steps.{cache['id']}.outputs.cache-hit!='true'"
+    make_test = next(s for s in all_steps if "make test" in commands(s.get("run", "")))
+    assert all_steps.index(cache) < all_steps.index(build) < all_steps.index(make_test)
     env = {k: str(v) for k, v in load_workflow()["jobs"]["test"].get("env", {}).items()}
     dest = subprocess.run(
-        [str(ROOT / "scripts" / "build-test-kernel"), "--print-path"],
+        [str(ROOT / "scripts" / "build-test-kernel"), "--version", version, "--print-path"],
         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent-home", **env},
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    assert Path(dest).parent == Path(cache["with"]["path"])
+    assert fnmatch.fnmatchcase(dest, cache["with"]["path"]) and fnmatch.fnmatchcase(
+        dest + ".config", cache["with"]["path"]
+    )

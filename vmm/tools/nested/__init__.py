@@ -11,8 +11,17 @@ Layout inside the guest (all 9p over virtio, ``security_model=none``):
   ``<checkout>/.venv`` and ``.hypothesis/`` work; no tmpfs/overlay trick is needed because the
   mount point already exists in the read-only root (only under /tmp, which gets a fresh tmpfs,
   is the mount point created first);
-* tag ``results``: the results folder (default ``<checkout>/results/nested``, emptied each run),
-  writable, same path; only shared separately when it is not inside the checkout.
+* tag ``results``: the results folder (default ``<checkout>/results/nested``), writable, same
+  path; only shared separately when it is not inside the checkout.
+
+The results folder: vmm deletes only what it wrote there. A folder it creates, or finds empty, gets
+a marker file (``.vmm-nested``) listing what each run added (vmm's own files and whatever the guest
+wrote); the next run deletes exactly those files, so stale results cannot pass, and leaves anything
+else alone. A non-empty folder without the marker is refused (a mistyped --results must not wipe a
+user's files), except one holding only the files an older vmm wrote there (its init.sh says so).
+The marker is flock()ed for the run: two runs cannot share a folder. Files put there during a run
+count as the run's. After a SIGKILLed run, what the guest wrote there besides vmm's fixed files is
+not listed, so it is kept.
 
 The read-only root is mounted ``cache=loose`` (fast; nothing changes it during a run). The
 writable shares use ``cache=mmap`` ($VMM_NESTED_9P_CACHE overrides): file data is cached but
@@ -23,13 +32,18 @@ reach the host at the latest at the ``sync`` before power-off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
+import os
 import shlex
 import shutil
+import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 from vmm.errors import VmmError
 from vmm.paths import CHECKOUT
@@ -45,13 +59,16 @@ from .host import (
     ktap_plugin_args,
     nested_virt_available,
 )
-from .init import ANCHOR_READY, INIT_MARK, POWEROFF_MARK, guest_env, init_script
-from .qemu import qemu_command, run_qemu
+from .init import ANCHOR_READY, INIT_HEADER, INIT_MARK, POWEROFF_MARK, guest_env, init_script
+from .qemu import QEMU_ENV, STOP_SIGNALS, Interrupted, qemu_command, run_qemu, stop_on_signals
 
 __all__ = [
     "ANCHOR_READY",
     "INIT_MARK",
     "POWEROFF_MARK",
+    "RESULTS_MARKER",
+    "STOP_SIGNALS",
+    "Interrupted",
     "NestedResult",
     "Verdict",
     "cached_kernel",
@@ -65,6 +82,8 @@ __all__ = [
     "qemu_command",
     "run_nested",
     "run_qemu",
+    "exit_code",
+    "stop_on_signals",
     "summary",
 ]
 
@@ -77,6 +96,7 @@ class Verdict(str, enum.Enum):
     KERNEL_PANIC = "kernel-panic"
     TIMEOUT = "timeout"
     NO_RESULT = "no-result"
+    INTERRUPTED = "interrupted"  # a stop signal (see stop_on_signals) ended the run
 
 
 @dataclasses.dataclass
@@ -96,15 +116,121 @@ class NestedResult:
     kernel_warnings: list[str] = dataclasses.field(default_factory=list)  # WARNING:/BUG: lines
     boot_attempts: int = 1  # 2 when the first boot hung before init and was retried
     command: str | None = None  # the shell command run instead of pytest, if any
+    stop_signal: int | None = None  # the signal that stopped the run (Verdict.INTERRUPTED)
 
 
-def _prepare_results(results: Path, checkout: Path) -> None:
-    """Empty the results folder (refusing obviously wrong ones) so stale files can't pass."""
+RESULTS_MARKER = ".vmm-nested"  # in a results folder vmm created or adopted: what its runs wrote there
+RESULT_FILES = ("init.sh", "console.log", "exit-status", "nested.ktap", "nested-junit.xml")  # always vmm's
+_MARKER_HEAD = "# vmm nested results folder: the next `vmm nested` run deletes the files listed below\n"
+
+
+def _tree(folder: Path) -> set[str]:
+    """Every file, symlink and folder below folder, as relative POSIX paths, the marker left out."""
+    found: set[str] = set()
+    for top, dirs, files in os.walk(folder):  # symlinks to folders are listed, not followed
+        rel = PurePosixPath(Path(top).relative_to(folder))
+        found.update((rel / name).as_posix() for name in (*dirs, *files))
+    found.discard(RESULTS_MARKER)
+    return found
+
+
+def _delete_listed(results: Path, names: Iterable[str]) -> None:
+    """Delete the listed files below results (never through a symlink); then listed folders left empty."""
+    folders: list[Path] = []
+    for name in names:
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts or name == RESULTS_MARKER:
+            continue  # not vmm's to write: the marker is plain text anyone can edit
+        path = results / rel
+        if path.parent.resolve() != results / rel.parent:
+            continue  # a symlink on the way leads out of the folder
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            folders.append(path)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: someone else's files are in it
+            folder.rmdir()
+
+
+def _written_by_old_vmm(results: Path, names: list[str]) -> bool:
+    """Whether a folder without the marker holds only what vmm wrote before the marker existed."""
+    if "init.sh" not in names or not set(names) <= set(RESULT_FILES):
+        return False
+    try:
+        with (results / "init.sh").open(encoding="utf-8", errors="replace") as f:
+            return INIT_HEADER in (f.readline().rstrip("\n"), f.readline().rstrip("\n"))
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class _ResultsFolder:
+    """A results folder held for one run: its marker open and flock()ed, and what the run found there."""
+
+    path: Path
+    marker: IO[str]
+    before: set[str]  # after the clean-up, before the run
+    leftover: set[str]  # listed as vmm's but not deletable (a folder someone put files in)
+
+    def _write_marker(self, names: Iterable[str]) -> None:
+        self.marker.seek(0)
+        self.marker.truncate()
+        self.marker.write(_MARKER_HEAD + "".join(f"{n}\n" for n in sorted(names) if "\n" not in n))
+        self.marker.flush()
+
+    def release(self) -> None:
+        """List in the marker what this run added (the next run deletes exactly that), and unlock."""
+        try:
+            now = _tree(self.path)
+            self._write_marker((now - self.before) | (self.leftover & now))
+        finally:
+            self.marker.close()  # drops the flock
+
+
+def _prepare_results(results: Path, checkout: Path) -> _ResultsFolder:
+    """Claim the results folder for a run: create or adopt it, lock it, delete what earlier runs wrote.
+
+    Refused: the root, home or checkout (or a folder holding the checkout), anything but a folder,
+    a non-empty folder vmm did not create (no marker), a folder another run holds, and a path the
+    kernel command line cannot carry (``init=<results>/init.sh``). Call release() when the run ends.
+    """
+    results = results.resolve()  # _delete_listed compares resolved parents with it
     if results in (Path("/"), Path.home(), checkout) or is_inside(checkout, results):
-        raise VmmError(f"refusing to use {results} as the nested results folder (it is cleaned each run)")
-    if results.exists():
-        shutil.rmtree(results)
-    results.mkdir(parents=True)
+        raise VmmError(f"refusing to use {results} as the nested results folder (it holds the checkout or more)")
+    if any(c.isspace() or c == '"' or not c.isprintable() for c in str(results)):
+        raise VmmError(
+            f"refusing results folder {results!r}: the kernel command line (init=...) cannot carry "
+            "blanks, quotes or control characters; pass --results with a plain path"
+        )
+    if results.exists() and not results.is_dir():
+        raise VmmError(f"refusing to use {results} as the nested results folder: it is not a folder")
+    results.mkdir(parents=True, exist_ok=True)
+    marker_path = results / RESULTS_MARKER
+    if not marker_path.is_file():
+        names = sorted(os.listdir(results))
+        if names and not _written_by_old_vmm(results, names):
+            raise VmmError(
+                f"refusing to use {results} as the nested results folder: it holds files vmm did not write "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); give a new or empty folder"
+            )
+    marker = marker_path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        marker.close()
+        raise VmmError(f"{results} is in use by another `vmm nested` run; give another --results folder")
+    try:
+        marker.seek(0)
+        listed = {ln for ln in marker.read().splitlines() if ln and not ln.startswith("#")}
+        _delete_listed(results, listed | set(RESULT_FILES))
+        before = _tree(results)
+        folder = _ResultsFolder(results, marker, before, listed & before)
+        folder._write_marker(folder.leftover)
+    except BaseException:
+        marker.close()
+        raise
+    return folder
 
 
 def run_nested(
@@ -129,9 +255,12 @@ def run_nested(
 
     A boot that never reaches init (seen once in ~20 TCG boots on a loaded host) is retried once:
     no test has run yet, so a retry hides nothing.
+
+    A stop signal (under :func:`stop_on_signals`) kills QEMU and returns Verdict.INTERRUPTED with
+    whatever came back by then.
     """
     if shutil.which(qemu.QEMU) is None:
-        raise VmmError(f"{qemu.QEMU} not found: install it (apt-get install qemu-system-x86)")
+        raise VmmError(f"{qemu.QEMU} not found: install it (apt-get install qemu-system-x86) or set ${QEMU_ENV}")
     checkout = Path(checkout).resolve()
     results = Path(results).resolve() if results else checkout / "results" / "nested"
     kernel = Path(kernel).resolve()
@@ -140,40 +269,50 @@ def run_nested(
     if command is not None and (pytest_args or not command.strip()):
         raise VmmError("a nested command replaces pytest: give a non-empty command or pytest arguments, not both")
     accel_args, cpu_args, accel_desc = choose_accel(accel)
-    _prepare_results(results, checkout)
-    python = guest_python(checkout)
-    ktap, junit, status = results / "nested.ktap", results / "nested-junit.xml", results / "exit-status"
-    args = list(pytest_args)
-    if command is None:
-        plugin = ktap_plugin_args(python, checkout)
-        if plugin is not None:
-            args += [*plugin, "--ktap", str(ktap)]
-        else:
-            echo("vmm-nested: pytest has no --ktap option here (vmm.tools.ktap missing?): no KTAP file")
-        args += ["--junitxml", str(junit), "-p", "no:cacheprovider"]
-    init = results / "init.sh"
-    init.write_text(init_script(checkout, results, python, args, guest_env(checkout, python, extra_env), command))
-    init.chmod(0o755)
-    cmd = qemu_command(kernel, accel_args, cpu_args, checkout, results, init, memory, smp)
-    console = results / "console.log"
-    echo(f"vmm-nested: {shlex.join(cmd)}")
-
-    start = time.monotonic()
-    with console.open("w", encoding="utf-8", buffering=1) as log:  # line-buffered: tail -f works
-        for attempt in (1, 2):
-            run = run_qemu(cmd, start + timeout_s, boot_timeout_s, echo, log)
-            if not run.hung_in_boot or attempt == 2:
-                break
-            echo("vmm-nested: retrying the boot once")
-            log.write("vmm-nested: retrying the boot once\n")
-    wall_s = time.monotonic() - start
-
-    exit_status: int | None = None
+    folder = _prepare_results(results, checkout)
     try:
-        exit_status = int(status.read_text().strip())
-    except (OSError, ValueError):
-        pass
-    if run.panic_line:
+        python = guest_python(checkout)
+        ktap, junit, status = results / "nested.ktap", results / "nested-junit.xml", results / "exit-status"
+        args = list(pytest_args)
+        if command is None:
+            plugin = ktap_plugin_args(python, checkout)
+            if plugin is not None:
+                args += [*plugin, "--ktap", str(ktap)]
+            else:
+                echo("vmm-nested: pytest has no --ktap option here (vmm.tools.ktap missing?): no KTAP file")
+            args += ["--junitxml", str(junit), "-p", "no:cacheprovider"]
+        init = results / "init.sh"
+        init.write_text(init_script(checkout, results, python, args, guest_env(checkout, python, extra_env), command))
+        init.chmod(0o755)
+        cmd = qemu_command(kernel, accel_args, cpu_args, checkout, results, init, memory, smp)
+        console = results / "console.log"
+        echo(f"vmm-nested: {shlex.join(cmd)}")
+
+        start = time.monotonic()
+        run, attempt, stopped = qemu._Boot(), 0, None
+        with console.open("w", encoding="utf-8", buffering=1) as log:  # line-buffered: tail -f works
+            try:
+                for attempt in (1, 2):
+                    run = run_qemu(cmd, start + timeout_s, boot_timeout_s, echo, log)
+                    stopped = run.stopped_by
+                    if stopped is not None or not run.hung_in_boot or attempt == 2:
+                        break
+                    echo("vmm-nested: retrying the boot once")
+                    log.write("vmm-nested: retrying the boot once\n")
+            except Interrupted as e:  # between boots or in run_qemu's clean-up: QEMU is dead already
+                stopped = e.signum
+        wall_s = time.monotonic() - start
+
+        exit_status: int | None = None
+        try:
+            exit_status = int(status.read_text().strip())
+        except (OSError, ValueError):
+            pass
+    finally:
+        folder.release()
+    if stopped is not None:
+        verdict = Verdict.INTERRUPTED
+    elif run.panic_line:
         verdict = Verdict.KERNEL_PANIC
     elif run.timed_out or run.hung_in_boot:
         verdict = Verdict.TIMEOUT
@@ -195,10 +334,18 @@ def run_nested(
         kernel_warnings=run.warnings,
         boot_attempts=attempt,
         command=command,
+        stop_signal=stopped,
     )
 
 
-EXIT_CODES = {Verdict.PASSED: 0, Verdict.TESTS_FAILED: 1}  # everything else: 3
+EXIT_CODES = {Verdict.PASSED: 0, Verdict.TESTS_FAILED: 1}  # interrupted: 128 + signal; everything else: 3
+
+
+def exit_code(res: NestedResult) -> int:
+    """`vmm nested`'s exit status for a run: 0 passed, 1 tests failed, 128+N stopped by signal N, else 3."""
+    if res.verdict is Verdict.INTERRUPTED and res.stop_signal is not None:
+        return 128 + res.stop_signal
+    return EXIT_CODES.get(res.verdict, 3)
 
 
 def summary(res: NestedResult) -> str:
@@ -208,6 +355,9 @@ def summary(res: NestedResult) -> str:
     timing = f"in {res.wall_s:.0f} s ({boot}, accel {accel})"
     if res.verdict is Verdict.PASSED:
         return f"nested: PASSED {timing}"
+    if res.verdict is Verdict.INTERRUPTED:
+        name = signal.Signals(res.stop_signal).name if res.stop_signal is not None else "a signal"
+        return f"nested: STOPPED by {name}, QEMU killed, {timing}"
     if res.verdict is Verdict.TESTS_FAILED:
         if res.command is not None:
             return f"nested: FAILED: the command failed (exit status {res.exit_status}) {timing}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +12,32 @@ from vmm.errors import VmmError
 from vmm.paths import CHECKOUT, cache_dir
 
 KERNEL_ENV = "VMM_TEST_KERNEL"
-BUILD_HINT = "build one with scripts/build-test-kernel (about 20 min on 2 cores) or pass --kernel PATH"
-SHARED_KERNEL = Path("..") / "shared" / "kernels" / "bzImage-6.12-swprot"
+BUILD_HINT = "build one with scripts/build-test-kernel --version VERSION (20-50 min on 2 cores) or pass --kernel PATH"
+DEFAULT_VERSION = "6.12"
+KERNEL_VERSIONS = ("6.12", "7.3")  # what `make test` runs; any X.Y works if a kernel for it exists
+_VERSION = re.compile(r"\d+\.\d+")
 
 
-def cached_kernel() -> Path:
-    """The path scripts/build-test-kernel installs its bzImage to."""
-    return cache_dir() / "kernels" / "bzImage"
+def kernel_file(version: str) -> str:
+    """The file name of a test kernel: the same in ../shared/kernels and in the cache."""
+    return f"bzImage-{version}-swprot"
+
+
+def cached_kernel(version: str = DEFAULT_VERSION) -> Path:
+    """The path scripts/build-test-kernel --version VERSION installs its bzImage to."""
+    return cache_dir() / "kernels" / kernel_file(version)
+
+
+def shared_kernel(version: str = DEFAULT_VERSION, checkout: Path = CHECKOUT) -> Path:
+    """The prebuilt kernel a CI machine keeps beside the checkout (../shared/kernels)."""
+    return (checkout.parent / "shared" / "kernels" / kernel_file(version)).resolve()
 
 
 def find_kernel(explicit: str | os.PathLike[str] | None, *, checkout: Path = CHECKOUT) -> Path:
-    """Pick the test kernel: --kernel, $VMM_TEST_KERNEL, the cached build, ../shared/kernels."""
+    """Pick the test kernel. ``explicit`` is a version (6.12, 7.3: the cached build, then
+    ../shared/kernels) or a path; without it: $VMM_TEST_KERNEL, then version 6.12."""
+    if explicit and _VERSION.fullmatch(str(explicit)) and not Path(explicit).exists():
+        return _kernel_for(str(explicit), checkout)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -33,13 +49,25 @@ def find_kernel(explicit: str | os.PathLike[str] | None, *, checkout: Path = CHE
         if not path.is_file():
             raise VmmError(f"kernel {path} (${KERNEL_ENV}) does not exist; {BUILD_HINT}")
         return path
-    for path in (cached_kernel(), (checkout / SHARED_KERNEL).resolve()):
+    return _kernel_for(DEFAULT_VERSION, checkout)
+
+
+def _kernel_for(version: str, checkout: Path) -> Path:
+    """The cached build of ``version``, else the shared prebuilt one."""
+    tried = (cached_kernel(version), shared_kernel(version, checkout))
+    for path in tried:
         if path.is_file():
             return path
     raise VmmError(
-        f"no test kernel found (tried --kernel, ${KERNEL_ENV}, {cached_kernel()}, "
-        f"{checkout / SHARED_KERNEL}); {BUILD_HINT}"
+        f"no {version} test kernel found (tried {tried[0]}, {tried[1]}); build one with "
+        f"scripts/build-test-kernel --version {version} or pass --kernel PATH"
     )
+
+
+def kernel_version_of(path: Path) -> str | None:
+    """The version a test kernel's file name says (bzImage-7.3-swprot -> 7.3), if any."""
+    m = re.fullmatch(r"bzImage-(\d+\.\d+)-swprot", path.name)
+    return m.group(1) if m else None
 
 
 def nested_virt_available() -> tuple[bool, str]:
