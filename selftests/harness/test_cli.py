@@ -225,6 +225,7 @@ def nobody() -> Iterator[Unprivileged]:
     yield from unprivileged_user()
 
 
+@pytest.mark.host_only
 def test_selftest_without_dev_kvm_skips_what_needs_it(tmp_path: Path) -> None:
     """No KVM device at all: the tests that need it skip naming the device, the rest pass, exit 0
     (before: an error per test and exit 1); naming test files runs just those files."""
@@ -241,6 +242,7 @@ def test_selftest_without_dev_kvm_skips_what_needs_it(tmp_path: Path) -> None:
     assert proc.stderr.startswith(f"vmm: {missing} does not exist")
 
 
+@pytest.mark.host_only
 def test_unprivileged_doctor_names_the_real_access(nobody: Unprivileged) -> None:
     """As user nobody (no groups): `vmm doctor` on a device it may not open says, in one line, the
     device's owner, group and mode and what gives access: join the group when the mode gives the
@@ -265,6 +267,7 @@ def test_unprivileged_doctor_names_the_real_access(nobody: Unprivileged) -> None
         assert one_line_error(real) == f"vmm: no read/write access to /dev/kvm ({owner_group_mode}: {step})"
 
 
+@pytest.mark.host_only
 def test_unprivileged_selftest_skips_what_needs_dev_kvm(nobody: Unprivileged) -> None:
     """`vmm selftest` as user nobody: tests that need /dev/kvm skip with one reason naming the
     missing access, tests that do not still pass, nothing errors, exit 0; with
