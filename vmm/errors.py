@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from vmm.kvm.exits import Exit
 
 
 class VmmError(Exception):
@@ -68,9 +64,10 @@ class GuestAssertion(GuestError):
 
 
 class UnexpectedExit(GuestError):
-    """An exit no handler took; the message carries the exit and the vCPU state."""
+    """An exit no handler took; ``exit`` is the typed exit (vmm.kvm.exits), the message carries it and
+    the vCPU state. errors.py imports nothing of vmm, so every layer can raise these."""
 
-    def __init__(self, vcpu_id: int, exit: Exit, state: str, why: str = "") -> None:
+    def __init__(self, vcpu_id: int, exit: object, state: str, why: str = "") -> None:
         self.exit = exit
         self.vcpu_id = vcpu_id
         what = why or f"unexpected {exit}"
@@ -84,7 +81,7 @@ class UcallError(UnexpectedExit):
     the block itself is unreadable)."""
 
     def __init__(
-        self, vcpu_id: int, exit: Exit, state: str, why: str, cmd: int | None, address: int | None, length: int | None
+        self, vcpu_id: int, exit: object, state: str, why: str, cmd: int | None, address: int | None, length: int | None
     ) -> None:
         self.cmd, self.address, self.length = cmd, address, length
         super().__init__(vcpu_id, exit, state, why)

@@ -21,6 +21,9 @@ from vmm.guest import ucall as ucall_module
 from vmm.guest.image import guest_dir
 from vmm.tools.pytest_plugin import boot
 
+# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
+pytestmark = pytest.mark.host_only
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 NAME_GPA = 0x300000  # free in slot 0 (4 MiB): where a test writes a file name for ABORT_NAME_AT_PARAM
 SLOT0_END = 4 << 20
@@ -89,9 +92,6 @@ import os, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # old code read /dev/zero until MemoryError
 from vmm import GuestAssertion, Kvm
 from vmm.tools.pytest_plugin import boot
-
-# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
-pytestmark = pytest.mark.host_only
 NAME_GPA = 0x300000
 with Kvm() as kvm:
     for name in sys.argv[1:]:

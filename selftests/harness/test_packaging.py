@@ -15,15 +15,15 @@ import pytest
 
 from vmm import __version__
 
+# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
+pytestmark = pytest.mark.host_only
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 # What a user writes: fixtures and gates from the plugin, the public API only.
 OUT_OF_TREE_TEST = """
 from vmm import Machine, UcallCmd, load_guest
 from vmm.tools.pytest_plugin import require
-
-# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
-pytestmark = pytest.mark.host_only
 
 
 def test_hello(machine: Machine) -> None:

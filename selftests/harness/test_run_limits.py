@@ -25,6 +25,9 @@ from vmm.guest.runner import Runner, _watchdog
 from vmm.kvm import vcpu as vcpu_module
 from vmm.tools.pytest_plugin import boot
 
+# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
+pytestmark = pytest.mark.host_only
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SAFETY_S = 15.0  # a run the code under test fails to bound is stopped from here after this long
 
@@ -202,9 +205,6 @@ def test_failing_vcpu_stops_the_others(kvm: Kvm) -> None:
 STRESS = r"""
 import statistics, sys, time
 from vmm import GuestAssertion, Kvm, Machine, load_guest
-
-# vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
-pytestmark = pytest.mark.host_only
 
 runs = int(sys.argv[1])
 image = load_guest("hostile_smp")

@@ -18,6 +18,7 @@ from vmm.guest import image
 from vmm.kvm.caps import PRIVATE_MEM_REASON, gmem_flags, hypercall_exits, private_memory
 from vmm.kvm.system import Kvm
 from vmm.kvm.uapi import Cap, GmemFlag, VmType, enum_name
+from vmm.paths import CHECKOUT
 
 from . import nested
 
@@ -131,6 +132,13 @@ def report(kvm: Kvm) -> dict:
             ok, reason = False, str(e)
         groups.append({"group": g.name, "files": g.files, "runs": ok, "needs": "" if ok else reason})
     nested_ok, nested_why = nested.nested_virt_available()
+    kernels = []
+    for version in nested.host.KERNEL_VERSIONS:
+        try:
+            path = str(nested.find_kernel(version))
+        except VmmError:
+            path = None
+        kernels.append({"version": version, "path": path, "expected_skips": expected_skips(version)})
     try:
         kernel = str(nested.find_kernel(None))
     except VmmError as e:
@@ -150,8 +158,26 @@ def report(kvm: Kvm) -> dict:
             "why": nested_why,
             "accel": nested.choose_accel("auto")[2],
             "kernel": kernel,
+            "kernels": kernels,
         },
     }
+
+
+def expected_skips(version: str) -> list[str]:
+    """The skip reasons the nested runs expect on ``version`` (selftests/nested-skips/<version>.txt):
+    every other test runs there, and any other skip fails the run."""
+    path = CHECKOUT / "selftests" / "nested-skips" / f"{version}.txt"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    reasons = []
+    for line in lines:
+        entry = line.split("    #", 1)[0].strip()
+        if entry and not entry.startswith("#"):
+            test, _, reason = entry.partition("|")
+            reasons.append(f"{test.strip()}: {reason.strip()}")
+    return reasons
 
 
 def _type_name(t: int) -> str:
@@ -209,4 +235,9 @@ def render(r: dict) -> str:
     n = r["nested"]
     out.append(f"nested virt       {'yes' if n['available'] else 'no'} ({n['why']})")
     out.append(f"vmm nested uses   {n['accel']}; kernel {n['kernel']}")
+    for k in n["kernels"]:
+        where = k["path"] or "missing: scripts/build-test-kernel --version " + k["version"]
+        out.append(f"nested {k['version']:<10} {where}")
+        out.append(f"  runs every test that touches /dev/kvm except {len(k['expected_skips'])} expected skips:")
+        out += [f"    {reason}" for reason in k["expected_skips"]]
     return "\n".join(out)
