@@ -1,4 +1,5 @@
-"""Port of tools/testing/selftests/kvm/pre_fault_memory_test.c (6.12): KVM_PRE_FAULT_MEMORY.
+"""Port of tools/testing/selftests/kvm/pre_fault_memory_test.c (6.12, and 7.3's racing slot
+deletion): KVM_PRE_FAULT_MEMORY.
 
 A 2M+4K memslot sits near the top of the guest physical address space (the kernel test's
 placement, vm_compute_max_gfn()). The host pre-faults its first 2M (all done), its last page plus
@@ -8,6 +9,9 @@ succeeds. Then the guest (guest/pre_fault_memory.S) reads every page and checks 
 Variants as in the kernel's main(): default VM; KVM_X86_SW_PROTECTED_VM with shared memory; the
 same with the range private (guest_memfd slot, private attributes).
 
+7.3's version deletes (and later re-creates) the slot from another thread while each pre-fault
+runs: test_pre_fault_memory_delete_slot.
+
 Beyond the kernel test: overlapping and repeated ranges, argument validation (EINVAL), a private
 range whose memslot has no guest_memfd (EFAULT), that pre-faulting a private range allocates its
 guest_memfd pages, and that the guest's stores land where the host expects them."""
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,6 +43,8 @@ from vmm import (
 from vmm.kvm import uapi
 from vmm.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from vmm.tools.pytest_plugin import require, require_private_mem
+
+from helpers import kernel_version
 
 TEST_SIZE = HUGE_PAGE_SIZE + PAGE_SIZE
 TEST_NPAGES = TEST_SIZE // PAGE_SIZE
@@ -223,3 +230,125 @@ def test_pre_fault_private_without_guest_memfd(kvm: Kvm) -> None:
         m.vm.set_memory_attributes(gpa, TEST_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         pre_fault_memory(m.vcpus[0], gpa, PAGE_SIZE, PAGE_SIZE, expect=errno.EFAULT)
         pre_fault_memory(m.vcpus[0], gpa + HUGE_PAGE_SIZE, PAGE_SIZE, PAGE_SIZE, expect=errno.EFAULT)
+
+
+class DeleteSlotWorker(threading.Thread):
+    """7.3's delete_slot_worker(): once the pre-faulting thread is ready, delete TEST_SLOT; when told
+    to, re-create it (same GPA and size, a fresh backing: a new guest_memfd if ``private``)."""
+
+    def __init__(self, m: Machine, gpa: int, private: bool) -> None:
+        super().__init__(name="delete_slot_worker", daemon=True)
+        self.m, self.gpa, self.private = m, gpa, private
+        self.worker_ready = threading.Event()
+        self.prefault_ready = threading.Event()
+        self.recreate_slot = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.worker_ready.set()
+            self.prefault_ready.wait()
+            self.m.memory.delete(TEST_SLOT)  # vm_mem_region_delete()
+            self.recreate_slot.wait()
+            backing = Backing.GUEST_MEMFD if self.private else Backing.SHARED
+            self.m.add_memory(self.gpa, TEST_SIZE, backing, slot=TEST_SLOT)
+        except BaseException as e:  # handed to the test thread by join_checked()
+            self.error = e
+            self.worker_ready.set()
+
+    def join_checked(self) -> None:
+        self.join(TIMEOUT)
+        assert not self.is_alive(), "delete_slot_worker did not finish: the memslot deletion never completed"
+        if self.error is not None:
+            raise self.error
+
+
+def pre_fault_memory_racing_delete(m: Machine, gpa: int, offset: int, size: int, left: int, private: bool) -> list[str]:
+    """7.3's pre_fault_memory(vcpu, base_gpa, offset, size, expected_left, private): while a
+    DeleteSlotWorker deletes the slot, KVM_PRE_FAULT_MEMORY [base+offset, +size) until done or
+    failed. Every call must shrink the range if and only if it succeeded; EINTR is retried; after
+    the first answer the slot is re-created (and the worker joined), and a range not yet done is
+    pre-faulted again, so the final answer is stable: ``left`` bytes remain, and the last call
+    succeeded when nothing is left, else failed with ENOENT (no memslot there: RET_PF_EMULATE).
+    EAGAIN (the slot was being deleted, 6.17+) is thus fine only before the slot was re-created.
+    Returns the errno names seen, in order ('0' for success), for the caller to report."""
+    vcpu = m.vcpus[0]
+    req = uapi.kvm_pre_fault_memory(gpa=gpa + offset, size=size, flags=0)
+    worker = DeleteSlotWorker(m, gpa, private)
+    worker.start()
+    try:
+        worker.worker_ready.wait()
+        worker.prefault_ready.set()
+        recreated = False
+        seen: list[str] = []
+        while True:
+            prev = req.size
+            try:
+                vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+                err = 0
+            except OSError as e:
+                err = e.errno or -1
+            seen.append(errno.errorcode.get(err, str(err)) if err else "0")
+            assert (req.size < prev) != (err != 0), (
+                f"{'not ' if err else ''}expecting range.size to change on {'failure' if err else 'success'} "
+                f"({seen[-1]}, {prev:#x} -> {req.size:#x}; answers so far {seen})"
+            )
+            if err == errno.EINTR:  # interrupted by an unrelated signal: retry at once
+                continue
+            if not recreated:
+                worker.recreate_slot.set()
+                worker.join_checked()
+                recreated = True
+                if req.size:  # KVM refuses size 0, so retry only what is left
+                    continue
+            if not req.size or err:
+                break
+    finally:
+        worker.prefault_ready.set()
+        worker.recreate_slot.set()
+        worker.join(TIMEOUT)
+    assert req.size == left, f"Completed with {req.size:#x} bytes left, expected {left:#x} (answers {seen})"
+    if left == 0:
+        assert err == 0, f"KVM_PRE_FAULT_MEMORY failed with {seen[-1]} (answers {seen})"
+    else:
+        assert err == errno.ENOENT, f"KVM_PRE_FAULT_MEMORY: expected ENOENT, got {seen[-1]} (answers {seen})"
+    return seen
+
+
+@pytest.mark.parametrize("vm_type, private", VARIANTS)
+def test_pre_fault_memory_delete_slot(kvm: Kvm, vm_type: VmType, private: bool) -> None:
+    """pre_fault_memory_test.c (7.3): __test_pre_fault_memory(vm_type, private), whose
+    pre_fault_memory() races each pre-fault against delete_slot_worker() deleting slot 10 (then
+    re-creating it: fresh memory, a fresh guest_memfd when private; the private attributes stay, as
+    they are per VM). The three ranges and outcomes are 6.12's ([gpa, +2M) all done; [gpa+2M, +8K)
+    4K left, ENOENT; [gpa+TEST_SIZE, +4K) 4K left, ENOENT), reached after the slot came back; each
+    call shrinks the range iff it succeeds. Then the guest reads every page. Beyond the C test's
+    guest (which only reads): before the race the slot holds a poison pattern, after it the host
+    writes each page's GPA into the re-created slot and the guest must read exactly that (shared) or
+    zeros (private), so a mapping left over from the deleted slot would fail the guest's assert.
+    Gate, no capability tells: before Linux 6.17 ("KVM: x86/mmu: Return -EAGAIN if userspace
+    deletes/moves memslot during prefault") a pre-fault that meets the slot being deleted retries
+    while holding kvm->srcu, which the deletion waits for: the two deadlock (6.12 has this)."""
+    with pre_fault_machine(kvm, vm_type, private) as (m, gpa):
+        require(
+            kernel_version() >= (6, 17),
+            "KVM_PRE_FAULT_MEMORY failing with EAGAIN on a memslot being deleted (Linux 6.17+; "
+            "before it the pre-fault and the deletion deadlock)",
+        )
+        if private:
+            assert m.converter is not None
+            m.converter.convert(gpa, TEST_SIZE, True)  # vm_mem_set_private()
+        else:
+            for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
+                m.memory.write(page, (0xDEAD0000DEAD0000 | page >> 12).to_bytes(8, "little"))
+        answers = [
+            pre_fault_memory_racing_delete(m, gpa, 0, HUGE_PAGE_SIZE, 0, private),
+            pre_fault_memory_racing_delete(m, gpa, HUGE_PAGE_SIZE, PAGE_SIZE * 2, PAGE_SIZE, private),
+            pre_fault_memory_racing_delete(m, gpa, TEST_SIZE, PAGE_SIZE, PAGE_SIZE, private),
+        ]
+        print(f"KVM_PRE_FAULT_MEMORY answers per range: {answers}")
+        if not private:
+            for page in range(gpa, gpa + TEST_SIZE, PAGE_SIZE):
+                m.memory.write(page, page.to_bytes(8, "little"))
+        result = m.run(timeout=TIMEOUT)
+        assert isinstance(result, Ucall) and result.cmd == UcallCmd.DONE, f"got {result}"

@@ -1,7 +1,10 @@
-"""Memslots, ported from the kernel's tools/testing/selftests/kvm/set_memory_region_test.c (6.12):
-flag validation on KVM_SET_USER_MEMORY_REGION and ..._REGION2, KVM_CAP_NR_MEMSLOTS slots, a vCPU
-with no memory at all, overlapping slots, guest_memfd bindings (offsets, foreign fds), and moving
-or deleting a slot while a guest keeps reading from it (guest/memslot_touch.S)."""
+"""Memslots, ported from the kernel's tools/testing/selftests/kvm/set_memory_region_test.c (6.12,
+and what 7.3 adds): flag validation on KVM_SET_USER_MEMORY_REGION and ..._REGION2,
+KVM_CAP_NR_MEMSLOTS slots, a vCPU with no memory at all, overlapping slots and guest_memfd bindings
+(7.3: overlap inside the guest_memfd alone, too), guest_memfd bindings (offsets, foreign fds),
+moving or deleting a slot while a guest keeps reading from it (guest/memslot_touch.S), and an MMIO
+access while the CPU delivers an exception (7.3's test_mmio_during_vectoring(),
+guest/mmio_during_vectoring.S)."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from vmm import (
     load_guest,
 )
 from vmm.kvm import syscalls, uapi
-from vmm.kvm.exits import MemoryFaultExit, MmioExit
+from vmm.kvm.exits import InternalErrorExit, MemoryFaultExit, MmioExit
 from vmm.kvm.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE
 from vmm.tools.pytest_plugin import require, require_private_mem
 
@@ -45,12 +48,13 @@ from helpers import (
     NO_GUEST_MEMFD,
     expect_errno,
     gmem_bind_overlap_errno,
+    kernel_version,
 )
 
 MMIO_VAL = 0xBEEF
 
 KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
-MOVE_DELETE_LOOPS = 3  # the kernel runs 10 by default; each loop sleeps ~0.4 s waiting for the vCPU
+MOVE_DELETE_LOOPS = 10  # the kernel's default (main(): loops = 10 unless -l N)
 
 
 def anonymous(size: int) -> tuple[mmap.mmap, int]:
@@ -174,17 +178,28 @@ def test_add_overlapping_memory_regions(vm: Vm) -> None:
 
 
 def test_add_overlapping_private_memory_regions(gmem_vm: Vm) -> None:
-    """set_memory_region_test.c: test_add_overlapping_private_memory_regions(). Two guest_memfd
-    slots on one file; after deleting the first, re-adding it over the front or back half of the
-    second's GPA range is EEXIST. Needs guest_memfd slots only (no attributes), so it runs on any VM
-    whose fd reports KVM_CAP_GUEST_MEMFD, not only on KVM_X86_SW_PROTECTED_VM."""
+    """set_memory_region_test.c (7.3): test_add_overlapping_private_memory_regions(). Two guest_memfd
+    slots on one 10M file (slot 10 at 3G binds [0, 4M), slot 11 at 6G binds [4M, 8M)); slot 10
+    deleted, re-adding it at 3G (no GPA overlap) with offset 2M or 6M overlaps slot 11's range
+    inside the guest_memfd only: EEXIST from Linux 7.2 on, EINVAL before (kvm_gmem_bind() changed,
+    no capability tells; the 6.12 test has no such case); re-adding it over the front or back half
+    of slot 11's GPA range is EEXIST everywhere. Needs guest_memfd slots only (no attributes), so
+    it runs on any VM whose fd reports KVM_CAP_GUEST_MEMFD, not only on KVM_X86_SW_PROTECTED_VM."""
     vm, gmem_slot = gmem_vm, MemFlag.GUEST_MEMFD
-    with vm.create_guest_memfd(MEM_REGION_SIZE * 4) as gmem:
+    with vm.create_guest_memfd(MEM_REGION_SIZE * 5) as gmem:
         vm.set_user_memory_region2(MEM_REGION_SLOT, gmem_slot, MEM_REGION_GPA, MEM_REGION_SIZE * 2, 0, gmem.fd, 0)
         vm.set_user_memory_region2(
             MEM_REGION_SLOT + 1, gmem_slot, MEM_REGION_GPA * 2, MEM_REGION_SIZE * 2, 0, gmem.fd, MEM_REGION_SIZE * 2
         )
         vm.set_user_memory_region2(MEM_REGION_SLOT, gmem_slot, MEM_REGION_GPA, 0, 0, NO_GUEST_MEMFD, 0)
+        for half, offset in (("front", MEM_REGION_SIZE), ("back", MEM_REGION_SIZE * 3)):
+            expect_errno(
+                gmem_bind_overlap_errno(),  # 7.3's test: EEXIST (7.2+); EINVAL before 7.2
+                lambda: vm.set_user_memory_region2(
+                    MEM_REGION_SLOT, gmem_slot, MEM_REGION_GPA, MEM_REGION_SIZE * 2, 0, gmem.fd, offset
+                ),
+                f"guest_memfd binding overlapping the {half} half of another's, no GPA overlap",
+            )
         for name, gpa in (
             ("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE),
             ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE),
@@ -384,6 +399,51 @@ def test_delete_memory_region(kvm: Kvm, zap_quirk_disabled: bool) -> None:
                 )
 
 
+# --- an MMIO access while delivering an exception (7.3's test_mmio_during_vectoring()) -------------
+
+GP_VECTOR = 13
+IDT_ENTRY_SIZE = 16  # sizeof(struct idt_entry) in long mode
+VECTORING_TIMEOUT = 10.0
+
+
+def test_mmio_during_vectoring(kvm: Kvm) -> None:
+    """set_memory_region_test.c (7.3): test_mmio_during_vectoring(). The guest
+    (guest/mmio_during_vectoring.S) loads an IDT based at MEM_REGION_GPA, which its page tables map
+    (virt_map(vm, MEM_REGION_GPA, MEM_REGION_GPA, 1)) but no memslot backs, and stores to a
+    non-canonical address. Delivering the #GP reads the gate at IDT base + 13 * 16: an MMIO access
+    while vectoring, which KVM cannot emulate, so KVM_RUN exits KVM_EXIT_INTERNAL_ERROR with suberror
+    KVM_INTERNAL_ERROR_DELIVERY_EV and data[3] = that GPA (kvm_prepare_event_vectoring_exit(), reached
+    from x86_emulate_instruction() on X86EMUL_UNHANDLEABLE_VECTORING: svm/vmx
+    check_emulate_instruction()). The kernel asserts ndata != 4; KVM fills 5 (info2, exit reason,
+    info1, gpa, last_vmentry_cpu), so this asserts more than 4, data[3] included.
+    Gates, no capability exists for either: that handling arrived in Linux 6.14 (6.12's SVM emulates
+    the faulting instruction again and again instead, never returning to userspace); and kvm_pvm
+    delivers guest exceptions in software, where this guest ends in KVM_EXIT_SHUTDOWN (seen on the
+    6.18 kvm_pvm host)."""
+    require(
+        not os.path.isdir("/sys/module/kvm_pvm"),
+        "exception delivery through the guest IDT by VMX/SVM (kvm_pvm delivers exceptions in software)",
+    )
+    require(
+        kernel_version() >= (6, 14),
+        "KVM_INTERNAL_ERROR_DELIVERY_EV for MMIO during event vectoring (Linux 6.14+)",
+    )
+    with Machine(kvm=kvm, handlers=ExitHandlers(), output=lambda *_: None) as m:
+        m.load(load_guest("mmio_during_vectoring"), arg=MEM_REGION_GPA)
+        assert m.page_tables is not None
+        m.page_tables.map(MEM_REGION_GPA, PAGE_SIZE, page_size=PAGE_SIZE)  # virt_map(..., 1)
+        m.page_tables.write()
+        assert not any(r.gpa <= MEM_REGION_GPA < r.end for r in m.memory.regions), "MEM_REGION_GPA has a memslot"
+        with pytest.raises(UnexpectedExit) as stopped:
+            m.run(timeout=VECTORING_TIMEOUT)
+        ex = stopped.value.exit
+        assert isinstance(ex, InternalErrorExit), f"expected KVM_EXIT_INTERNAL_ERROR, got {ex}"
+        assert ex.suberror == uapi.InternalError.DELIVERY_EV, f"Unexpected suberror: {ex}"
+        assert len(ex.data) > 4, f"Unexpected internal error data array size = {len(ex.data)}: {ex}"
+        expected_gpa = MEM_REGION_GPA + GP_VECTOR * IDT_ENTRY_SIZE
+        assert ex.data[3] == expected_gpa, f"Unexpected GPA = {ex.data[3]:#x} (expected {expected_gpa:#x})"
+
+
 # --- the private-memory cases on the VM the kernel uses for them ---------------------------------
 #
 # test_add_private_memory_region() and test_add_overlapping_private_memory_regions() above run on
@@ -467,18 +527,25 @@ def test_add_private_memory_region_sw_protected(private_kvm: Kvm) -> None:
 
 @pytest.mark.private_mem
 def test_add_overlapping_private_memory_regions_sw_protected(private_kvm: Kvm) -> None:
-    """set_memory_region_test.c: test_add_overlapping_private_memory_regions(), on a SW_PROTECTED
-    VM. One 8M guest_memfd: slot 10 at 3G binds [0, 4M), slot 11 at 6G binds [4M, 8M); slot 10
-    deleted, re-adding it over the front or the back half of slot 11's GPAs is EEXIST. Beyond the
-    kernel test: GPAs that overlap nothing but a guest_memfd range already bound to slot 11 (whole,
-    front half, back half, one page) are EINVAL before Linux 7.2 and EEXIST from 7.2 on (kvm_gmem_bind()
-    changed; no capability tells); the range slot 10 gave up can be bound again, and
-    after slot 11 is deleted so can its range. Kernel cases and extra checks in one test, so not
-    marked beyond_kernel."""
-    with private_kvm.create_vm(VmType.SW_PROTECTED) as vm, vm.create_guest_memfd(MEM_REGION_SIZE * 4) as gmem:
+    """set_memory_region_test.c (7.3): test_add_overlapping_private_memory_regions(), on a
+    SW_PROTECTED VM. One 10M guest_memfd: slot 10 at 3G binds [0, 4M), slot 11 at 6G binds
+    [4M, 8M); slot 10 deleted, re-adding it at 3G with offset 2M or 6M (overlap in the guest_memfd,
+    not in GPA) is EEXIST from Linux 7.2 on and EINVAL before (kvm_gmem_bind() changed; no
+    capability tells); re-adding it over the front or the back half of slot 11's GPAs is EEXIST.
+    Beyond the kernel test: GPAs that overlap nothing but a guest_memfd range already bound to slot
+    11 (whole, front half, back half, one page) give the same EEXIST/EINVAL; the range slot 10 gave
+    up can be bound again, and after slot 11 is deleted so can its range. Kernel cases and extra
+    checks in one test, so not marked beyond_kernel."""
+    with private_kvm.create_vm(VmType.SW_PROTECTED) as vm, vm.create_guest_memfd(MEM_REGION_SIZE * 5) as gmem:
         bind(vm, gmem.fd, 0, MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE * 2)
         bind(vm, gmem.fd, MEM_REGION_SIZE * 2, MEM_REGION_SLOT + 1, MEM_REGION_GPA * 2, MEM_REGION_SIZE * 2)
         delete(vm, MEM_REGION_SLOT, MEM_REGION_GPA)
+        for half, offset in (("front", MEM_REGION_SIZE), ("back", MEM_REGION_SIZE * 3)):
+            expect_errno(
+                gmem_bind_overlap_errno(),  # 7.3's test: EEXIST (7.2+); EINVAL before 7.2
+                lambda: bind(vm, gmem.fd, offset, MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE * 2),
+                f"Overlapping guest_memfd() bindings should fail with EEXIST ({half} half, no GPA overlap)",
+            )
         for half, gpa in (
             ("front", MEM_REGION_GPA * 2 - MEM_REGION_SIZE),
             ("back", MEM_REGION_GPA * 2 + MEM_REGION_SIZE),
