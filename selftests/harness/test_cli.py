@@ -20,27 +20,10 @@ from test_guest_images import Unprivileged, dev_kvm_words, unprivileged_user
 from vmm import Cap, GmemFlag, Kvm
 from vmm.tools.pytest_plugin import require, require_gmem_flags, require_private_mem
 
+from helpers import one_line_error
+from helpers import run_vmm as vmm
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
-
-
-def vmm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmm", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    """Assert the process failed with ``code`` and a single 'vmm: ...' line, no traceback."""
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vmm: "), proc.stderr
-    return lines[0]
 
 
 def test_doctor_json(kvm: Kvm) -> None:

@@ -25,32 +25,15 @@ from vmm import Kvm, load_guest
 from vmm.errors import VmmError
 from vmm.guest import image
 
+from helpers import one_line_error
+from helpers import run_vmm as vmm
+
 # vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
 pytestmark = pytest.mark.host_only
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 HELLO = (ROOT / "guest" / "hello.S").read_text()
 HELLO_TEXT = "hello from a long-mode guest"  # what the bundled hello prints first
-
-
-def vmm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vmm", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
-    """Assert the process failed with ``code`` and a single 'vmm: ...' line, no traceback."""
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vmm: "), proc.stderr
-    return lines[0]
 
 
 def user_hello(directory: Path, text: str) -> Path:

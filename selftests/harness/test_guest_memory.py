@@ -7,12 +7,10 @@ it (image, page tables, stacks) private stopped with a report that names it."""
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
@@ -40,7 +38,7 @@ from vmm.kvm.uapi import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_
 from vmm.memory import AttributeMap
 from vmm.tools.pytest_plugin import require, require_gmem_flags
 
-from helpers import expect_done, expect_errno, expect_sync
+from helpers import expect_done, expect_errno, expect_sync, mapping_count, no_gc, open_fds
 
 SLOT = 10
 SIZE = 2 << 20
@@ -52,10 +50,6 @@ TIMEOUT = 60.0  # the nested kernel runs under TCG
 U64 = (1 << 64) - 1
 
 
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
 def is_open(fd: int) -> bool:
     """Whether ``fd`` is open (open_fds() would list a just-closed one: its own listing fd takes it)."""
     try:
@@ -63,23 +57,6 @@ def is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def mapping_count() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """fds must close without the garbage collector's help: keep it off while counting them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def fill_u64(view: memoryview, value: int) -> None:

@@ -21,6 +21,8 @@ from vmm.guest import ucall as ucall_module
 from vmm.guest.image import guest_dir
 from vmm.tools.pytest_plugin import boot
 
+from helpers import run_vmm as vmm
+
 # vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
 pytestmark = pytest.mark.host_only
 
@@ -39,12 +41,6 @@ PARTIAL_DONE, PARTIAL_ASSERT, PARTIAL_SPIN, FLOOD_OUTB, FLOOD_REP_OUTSB, CONTROL
 
 def selector(n: int, param: int = 0) -> int:
     return param << 8 | n
-
-
-def vmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`vmm ARGS` as a user runs it (a real process: its exit status and output as they are)."""
-    cmd = [sys.executable, "-m", "vmm", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def control_free(text: str) -> bool:

@@ -7,13 +7,11 @@ guards its calls (struct sizes, closed fds, raw KVM_RUN, EIO from a VM that is n
 from __future__ import annotations
 
 import errno
-import gc
 import mmap
 import os
 import select
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
@@ -31,31 +29,12 @@ from vmm.kvm.uapi import (
 )
 from vmm.tools.pytest_plugin import require, require_gmem_flags, require_private_mem
 
+from helpers import mapping_count, no_gc, open_fds
+
 VM_CYCLES = 1000
 REGION_SIZE = 16 * PAGE_SIZE
 SHARED_GPA, GMEM_GPA = 0, 1 << 20
 MMAP_SHARED_FLAGS = int(GmemFlag.MMAP | GmemFlag.INIT_SHARED)
-
-
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
-def mapping_count() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """Closing must not depend on the garbage collector: keep it off while we check."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def gmem_vm_type(kvm: Kvm) -> VmType:
