@@ -24,9 +24,7 @@ from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing
 from vmm.paths import CHECKOUT
 
 from . import doctor, nested
-from .bench import common as bench_common
-from .bench import conversions as bench_conversions
-from .bench import exits as bench_exits
+from .bench.cli import bench
 from .units import human_size, parse_size
 
 # exit codes of `vmm boot` (the guest's verdict) and of every usage error
@@ -347,97 +345,7 @@ def nested_cmd(
     sys.exit(nested.exit_code(res))
 
 
-@cli.group()
-def bench() -> None:
-    """Benchmarks: print figures and write JSON; compare against a reference measured in the same run."""
-
-
-@bench.command("exits")
-@click.option(
-    "--exits",
-    "n",
-    type=click.IntRange(1),
-    default=bench_exits.DEFAULT_EXITS,
-    show_default=True,
-    help="SYNC ucalls per run.",
-)
-@click.option(
-    "--repeats",
-    type=click.IntRange(1),
-    default=bench_exits.DEFAULT_REPEATS,
-    show_default=True,
-    help="Runs of each loop, interleaved.",
-)
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
-@click.option("--check", is_flag=True, help="Exit 1 when the ratio is above the target.")
-def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) -> None:
-    """PIO ucall round trip: vmm's run loop against a minimal C KVM_RUN loop."""
-    result = bench_exits.run_exit_bench(n, repeats)
-    click.echo(bench_exits.format_table(result))
-    if json_path:
-        bench_common.write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
-    sys.exit(1 if check and not result["within_target"] else 0)
-
-
-@bench.command("conversions")
-@click.option("--size", default="1G", show_default=True, help="Guest-driven sweep size (multiple of 2M).")
-@click.option(
-    "--size-4k", default=None, help="Smaller size for the 4K sweep only; its exits are scaled to --size (labelled)."
-)
-@click.option("--peak-size", default="256M", show_default=True, help="Populated region of the peak-allocation sweeps.")
-@click.option(
-    "--repeats",
-    type=click.IntRange(1),
-    default=bench_conversions.DEFAULT_REPEATS,
-    show_default=True,
-    help="Runs of the C test and of our port.",
-)
-@click.option("--sweep-repeats", type=click.IntRange(1), default=1, show_default=True, help="Runs of each sweep.")
-@click.option(
-    "--c-test",
-    default=None,
-    metavar="PATH",
-    help="C private_mem_conversions_test [default: ~/.cache/vmm/kselftests/private_mem_conversions_test].",
-)
-@click.option("--skip", multiple=True, type=click.Choice(bench_conversions.PARTS), help="Leave a part out.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=bench_conversions.DEFAULT_TIMEOUT,
-    show_default=True,
-    help="Seconds per sweep direction.",
-)
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
-@click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
-def bench_conversions_cmd(
-    size: str,
-    size_4k: str | None,
-    peak_size: str,
-    repeats: int,
-    sweep_repeats: int,
-    c_test: str | None,
-    skip: tuple[str, ...],
-    timeout: float,
-    json_path: str | None,
-    check: bool,
-) -> None:
-    """Conversions/s and exits per MiB at 4K and 2M, peak allocation, C test vs our port (needs private memory)."""
-    result = bench_conversions.run_conversion_bench(
-        size=parse_size(size),
-        size_4k=parse_size(size_4k) if size_4k else None,
-        peak_size=parse_size(peak_size),
-        repeats=repeats,
-        sweep_repeats=sweep_repeats,
-        c_test=Path(c_test).expanduser() if c_test else None,
-        skip=skip,
-        timeout=timeout,
-        checkpoint=(lambda r: bench_common.write_json(json_path, r)) if json_path else None,
-    )
-    click.echo(bench_conversions.format_table(result))
-    if json_path:
-        click.echo(f"wrote {json_path}")
-    sys.exit(1 if check and not bench_conversions.within_targets(result) else 0)
+cli.add_command(bench)
 
 
 def _command_names(ctx: click.Context | None) -> list[str]:
