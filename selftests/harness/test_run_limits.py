@@ -23,6 +23,7 @@ import pytest
 from vmm import GuestAssertion, GuestTimeout, Kvm, Machine, Ucall, VmmError, load_guest
 from vmm.guest.runner import Runner, _watchdog
 from vmm.kvm import vcpu as vcpu_module
+from vmm.tools.cli import SYNCS_SHOWN
 from vmm.tools.pytest_plugin import boot
 
 # vmm's own behaviour, the same in any kernel: the nested runs leave it to the host
@@ -99,6 +100,9 @@ def test_boot_timeout_bounds_the_whole_run() -> None:
     )
     assert proc.returncode == 4 and "TIMEOUT" in proc.stdout, proc.stdout[-2000:] + proc.stderr
     assert time.monotonic() - start < 20
+    # tens of thousands of SYNCs, but the report shows the first SYNCS_SHOWN and a count
+    sync_lines = [ln for ln in proc.stdout.splitlines() if ln.lstrip().startswith("sync ")]
+    assert len(sync_lines) == SYNCS_SHOWN + 1 and "more SYNCs not shown" in sync_lines[-1], sync_lines[-3:]
 
 
 BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, 0, 0.0, -1.0]

@@ -32,6 +32,7 @@ EXIT_PASSED, EXIT_ASSERT, EXIT_USAGE, EXIT_UNEXPECTED, EXIT_TIMEOUT = 0, 1, 2, 3
 # tests that never touch /dev/kvm, or test only vmm's own logic, give the same answer inside: the
 # nested run leaves them to the host (the hostile-guest and run-limit stress tests take minutes
 # under TCG and would tell nothing new there)
+SYNCS_SHOWN = 16  # SYNC lines in `vmm boot`'s report (a guest may SYNC thousands of times)
 NESTED_DEFAULT_ARGS = ("-m", "not no_kvm and not host_only")
 
 
@@ -174,6 +175,7 @@ def boot(
             click.echo(f"guest[{vcpu_id}]: {text}" if n > 1 else f"guest: {text}")
 
         syncs: list[Ucall] = []
+        sync_count = [0]
         click.echo(
             f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
             f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
@@ -189,9 +191,12 @@ def boot(
                     user_arg = DATA_GPA
 
             def on_sync(uc: Ucall) -> None:
-                syncs.append(uc)
-                if private:
-                    _accounting(m, uc)
+                # a guest may SYNC in a loop until --timeout: the report keeps the first few
+                sync_count[0] += 1
+                if len(syncs) < SYNCS_SHOWN:
+                    syncs.append(uc)
+                    if private:
+                        _accounting(m, uc)
 
             m.load(image, mode=mode, arg=user_arg, page_size=PAGE_SIZE if page_size == "4k" else HUGE_PAGE_SIZE)
             start = time.monotonic()
@@ -207,16 +212,18 @@ def boot(
             except GuestError as e:  # UnexpectedExit, UcallError, MemoryFaultError: the guest's failure
                 code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
             elapsed = time.monotonic() - start
-            _report(m, image.name, verdict, elapsed, syncs)
+            _report(m, image.name, verdict, elapsed, syncs, sync_count[0])
     sys.exit(code)
 
 
-def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall]) -> None:
-    """The guest's report: verdict, time and exits, SYNCs, memory held by each backing."""
+def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall], sync_count: int) -> None:
+    """The guest's report: verdict, time and exits, the first SYNCs, memory held by each backing."""
     click.echo(f"--- {name}: {verdict}")
     click.echo(f"    time      {elapsed * 1000:.1f} ms, exits: {_exit_summary(_exit_counts(m))}")
     for s in syncs:
         click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
+    if sync_count > len(syncs):
+        click.echo(f"    sync      ... {sync_count - len(syncs)} more SYNCs not shown")
     region = m.memory.region_at(0)
     click.echo(
         f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
