@@ -101,6 +101,22 @@ def region_gpa(kvm: Kvm) -> int:
     return gpa - gpa % HUGE_PAGE_SIZE
 
 
+def pre_fault_once(vcpu: Vcpu, req: uapi.kvm_pre_fault_memory, context: str) -> int:
+    """One KVM_PRE_FAULT_MEMORY; returns its errno (0: success). The kernel test's invariant: the
+    range shrinks if and only if the call succeeds."""
+    prev = req.size
+    try:
+        vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+        err = 0
+    except OSError as e:
+        err = e.errno or -1
+    assert (req.size < prev) != (err != 0), (
+        f"{context}: {'not ' if err else ''}expecting range.size to change on {'failure' if err else 'success'} "
+        f"({errno.errorcode.get(err, err)}, {prev:#x} -> {req.size:#x})"
+    )
+    return err
+
+
 def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int, left: int, expect: int = errno.ENOENT) -> None:
     """The kernel's pre_fault_memory(): KVM_PRE_FAULT_MEMORY until done or failed (retrying EINTR).
     Every call must shrink the range if and only if it succeeds; in the end ``left`` bytes remain,
@@ -108,16 +124,7 @@ def pre_fault_memory(vcpu: Vcpu, gpa: int, size: int, left: int, expect: int = e
     ENOENT, no memslot means RET_PF_EMULATE)."""
     req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=0)
     while True:
-        prev = req.size
-        try:
-            vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
-            err = 0
-        except OSError as e:
-            err = e.errno or -1
-        assert (req.size < prev) != (err != 0), (
-            f"[{gpa:#x}, +{size:#x}): {'not ' if err else ''}expecting range.size to change on "
-            f"{'failure' if err else 'success'} ({errno.errorcode.get(err, err)}, {prev:#x} -> {req.size:#x})"
-        )
+        err = pre_fault_once(vcpu, req, f"[{gpa:#x}, +{size:#x})")
         if not (req.size if err == 0 else err == errno.EINTR):
             break
     assert req.size == left, f"[{gpa:#x}, +{size:#x}): completed with {req.size:#x} bytes left, expected {left:#x}"
@@ -282,17 +289,8 @@ def pre_fault_memory_racing_delete(m: Machine, gpa: int, offset: int, size: int,
         recreated = False
         seen: list[str] = []
         while True:
-            prev = req.size
-            try:
-                vcpu.ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
-                err = 0
-            except OSError as e:
-                err = e.errno or -1
+            err = pre_fault_once(vcpu, req, f"answers so far {seen}")
             seen.append(errno.errorcode.get(err, str(err)) if err else "0")
-            assert (req.size < prev) != (err != 0), (
-                f"{'not ' if err else ''}expecting range.size to change on {'failure' if err else 'success'} "
-                f"({seen[-1]}, {prev:#x} -> {req.size:#x}; answers so far {seen})"
-            )
             if err == errno.EINTR:  # interrupted by an unrelated signal: retry at once
                 continue
             if not recreated:
