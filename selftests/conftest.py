@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vmm.tools import doctor
+
 _installed = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
 pytest_plugins = [
     module
@@ -26,26 +28,12 @@ pytest_plugins = [
 # nested kernel series has a list of the skips it is expected to produce, with the reason
 # (selftests/nested-skips/<series>.txt); any other skip there fails the test.
 
-SKIP_LISTS = Path(os.environ.get("VMM_NESTED_SKIPS_DIR") or Path(__file__).resolve().parent / "nested-skips")
+SKIP_LISTS = Path(os.environ.get("VMM_NESTED_SKIPS_DIR") or doctor.SKIP_LISTS)
 
 
 def kernel_series(release: str) -> str:
     """'6.12.117' -> '6.12'."""
     return ".".join(release.split(".")[:2])
-
-
-def expected_skips(series: str) -> list[tuple[str, str]] | None:
-    """(test id pattern, reason text) pairs for a kernel series; None when there is no list."""
-    path = SKIP_LISTS / f"{series}.txt"
-    if not path.is_file():
-        return None
-    pairs = []
-    for line in path.read_text().splitlines():
-        line = line.split("    #", 1)[0].strip()
-        if line and not line.startswith("#"):
-            pattern, _, reason = line.partition("|")
-            pairs.append((pattern.strip(), reason.strip()))
-    return pairs
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -61,7 +49,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if os.environ.get("VMM_NESTED") != "1" or not report.skipped or hasattr(report, "wasxfail"):
         return
     series = kernel_series(platform.release())
-    allowed = expected_skips(series)
+    allowed = doctor.read_skip_list(SKIP_LISTS / f"{series}.txt")
     if allowed is None:
         return  # a kernel of another series (vmm nested --kernel PATH): nothing to compare with
     reason = _skip_reason(report)

@@ -12,6 +12,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmm.errors import VmmError
 from vmm.guest import image
@@ -163,21 +164,29 @@ def report(kvm: Kvm) -> dict:
     }
 
 
-def expected_skips(version: str) -> list[str]:
-    """The skip reasons the nested runs expect on ``version`` (selftests/nested-skips/<version>.txt):
-    every other test runs there, and any other skip fails the run."""
-    path = CHECKOUT / "selftests" / "nested-skips" / f"{version}.txt"
+SKIP_LISTS = CHECKOUT / "selftests" / "nested-skips"
+
+
+def read_skip_list(path: Path) -> list[tuple[str, str]] | None:
+    """A nested kernel's expected skips (selftests/nested-skips/<version>.txt): (test id pattern,
+    reason text) pairs, one per line as `<pattern> | <reason>    # why`; None when there is no list."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return []
-    reasons = []
+        return None
+    pairs = []
     for line in lines:
         entry = line.split("    #", 1)[0].strip()
         if entry and not entry.startswith("#"):
-            test, _, reason = entry.partition("|")
-            reasons.append(f"{test.strip()}: {reason.strip()}")
-    return reasons
+            pattern, _, reason = entry.partition("|")
+            pairs.append((pattern.strip(), reason.strip()))
+    return pairs
+
+
+def expected_skips(version: str) -> list[str]:
+    """The skips the nested runs expect on ``version``: every other test runs there, and any other
+    skip fails the run (selftests/conftest.py)."""
+    return [f"{pattern}: {reason}" for pattern, reason in read_skip_list(SKIP_LISTS / f"{version}.txt") or []]
 
 
 def _type_name(t: int) -> str:
