@@ -23,7 +23,7 @@ import pytest
 from vmm import GuestAssertion, GuestTimeout, Kvm, Machine, Ucall, VmmError, load_guest
 from vmm.guest.runner import Runner, _watchdog
 from vmm.kvm import vcpu as vcpu_module
-from vmm.tools.cli import SYNCS_SHOWN
+from vmm.tools.boot import SYNCS_SHOWN
 from vmm.tools.pytest_plugin import boot
 
 # vmm's own behaviour, the same in any kernel: the nested runs leave it to the host

@@ -1,57 +1,29 @@
-"""The `vmm` command: doctor, boot, selftest, nested, bench. Click only: parse, call the library,
+"""The `vmm` command: doctor, boot (boot.py), selftest, nested, bench (bench/). Click only: parse, call the library,
 print. User mistakes end in one line on stderr and a documented exit code, never a traceback."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from vmm.errors import GuestAssertion, GuestError, GuestTimeout, VmmError
-from vmm.guest import Machine, Ucall, UcallCmd, load_guest
-from vmm.guest.layout import DATA_GPA
+from vmm.errors import VmmError
 from vmm.kvm import Kvm
-from vmm.kvm.caps import PRIVATE_MEM_REASON, auto_backing, private_memory
-from vmm.kvm.uapi import Cap, ExitReason, GmemFlag, VmType, enum_name
-from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing
 from vmm.paths import CHECKOUT
 
 from . import doctor, nested
 from .bench.cli import bench
-from .units import human_size, parse_size
+from .boot import boot
+from .usage import EXIT_USAGE, fail
 
-# exit codes of `vmm boot` (the guest's verdict) and of every usage error
-EXIT_PASSED, EXIT_ASSERT, EXIT_USAGE, EXIT_UNEXPECTED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 # tests that never touch /dev/kvm, or test only vmm's own logic, give the same answer inside: the
 # nested run leaves them to the host (the hostile-guest and run-limit stress tests take minutes
 # under TCG and would tell nothing new there)
-SYNCS_SHOWN = 16  # SYNC lines in `vmm boot`'s report (a guest may SYNC thousands of times)
 NESTED_DEFAULT_ARGS = ("-m", "not no_kvm and not host_only")
-
-
-def _host_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print one line on stderr and exit with ``code``."""
-    click.echo(f"vmm: {message}", err=True)
-    sys.exit(code)
-
-
-def _exit_summary(counts: list[int]) -> str:
-    return ", ".join(f"{enum_name(ExitReason, i)} {c}" for i, c in enumerate(counts) if c) or "none"
-
-
-def _exit_counts(m: Machine) -> list[int]:
-    return [sum(col) for col in zip(*(r.exit_counts for r in m.runners))]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,187 +38,6 @@ def doctor_cmd(as_json: bool) -> None:
     with Kvm() as kvm:
         r = doctor.report(kvm)
     click.echo(json.dumps(r, indent=2) if as_json else doctor.render(r))
-
-
-BACKINGS = [b.value for b in Backing] + ["auto"]
-
-
-def _check_backing(kvm: Kvm, backing: str, private: bool) -> None:
-    """Refuse a --backing this host cannot give the VM type, naming the capability."""
-    vm_type_name = "sw_protected" if private else "default"
-    with kvm.create_vm(VmType.SW_PROTECTED if private else VmType.DEFAULT) as probe:
-        if not probe.check_extension(Cap.GUEST_MEMFD):
-            fail(
-                f"--backing {backing} needs KVM_CAP_GUEST_MEMFD on a {vm_type_name} VM"
-                + ("" if private else "; try --vm-type sw_protected")
-            )
-        flags = probe.check_extension(Cap.GUEST_MEMFD_FLAGS)
-    both = GmemFlag.MMAP | GmemFlag.INIT_SHARED
-    if backing == Backing.GUEST_MEMFD_ONLY and flags & both != both:
-        fail("--backing guest_memfd-only needs GUEST_MEMFD_FLAG_MMAP|INIT_SHARED in KVM_CAP_GUEST_MEMFD_FLAGS")
-
-
-def _finite_seconds(value: float) -> float:
-    """--timeout's check beyond FloatRange (which lets nan and inf through): a finite number."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number of seconds.")
-    return value
-
-
-@cli.command()
-@click.argument("guest_spec", metavar="GUEST", default="hello")
-@click.option("--mem", "mem", default="4M", show_default=True, help="Guest memory (slot 0), e.g. 4M, 64M.")
-@click.option("--vcpus", type=click.IntRange(1, 256), default=None, help="vCPUs (default: the guest's header).")
-@click.option(
-    "--backing",
-    type=click.Choice(BACKINGS),
-    default="auto",
-    show_default=True,
-    help="auto: guest_memfd-only when the host can mmap guest_memfd, else guest_memfd.",
-)
-@click.option(
-    "--mode", type=click.Choice(["real", "long"]), default=None, help="CPU mode (default: the guest's header)."
-)
-@click.option(
-    "--page-size", type=click.Choice(["4k", "2m"]), default="2m", show_default=True, help="Guest page tables."
-)
-@click.option("--arg", default="0", show_default=True, help="Value passed to the guest in rcx.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=lambda ctx, param, value: _finite_seconds(value),
-    default=10.0,
-    show_default=True,
-    help="Seconds for the whole run (every vCPU, all its SYNCs); then the guest is stopped (exit 4).",
-)
-@click.option(
-    "--vm-type",
-    type=click.Choice(["default", "sw_protected"]),
-    default=None,
-    help="KVM VM type (default: the guest's header); sw_protected adds private-capable memory.",
-)
-@click.option(
-    "--private-mem",
-    default="8M",
-    show_default=True,
-    help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.",
-)
-def boot(
-    guest_spec: str,
-    mem: str,
-    vcpus: int | None,
-    backing: str,
-    mode: str | None,
-    page_size: str,
-    arg: str,
-    timeout: float,
-    vm_type: str | None,
-    private_mem: str,
-) -> None:
-    """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
-    size = parse_size(mem)
-    if size % PAGE_SIZE:
-        fail(f"--mem {mem} is not a multiple of the page size ({PAGE_SIZE})")
-    if size > _host_memory():
-        fail(f"--mem {mem} is larger than this host's memory ({human_size(_host_memory())})")
-    try:
-        user_arg = int(arg, 0)
-    except ValueError:
-        fail(f"--arg {arg!r} is not a number")
-    image = load_guest(guest_spec)
-    private = (VmType[vm_type.upper()] if vm_type else image.vm_type) == VmType.SW_PROTECTED
-    private_size = parse_size(private_mem)
-    if private_size % HUGE_PAGE_SIZE or not private_size:
-        fail(f"--private-mem {private_mem} is not a positive multiple of 2M")
-    with Kvm() as kvm:
-        if private and not private_memory(kvm):
-            fail(
-                f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
-                "nested test kernel (`vmm nested`, see README)"
-            )
-        vm_private = private  # the VM type; `private` alone means the guest wants a private data region
-        if backing == "auto":
-            backing, vm_private = auto_backing(kvm, private)
-        elif backing != Backing.SHARED:
-            _check_backing(kvm, backing, private)
-        n = vcpus or image.vcpus
-
-        def show(vcpu_id: int, text: str) -> None:
-            click.echo(f"guest[{vcpu_id}]: {text}" if n > 1 else f"guest: {text}")
-
-        syncs: list[Ucall] = []
-        sync_count = [0]
-        click.echo(
-            f"vmm: booting {image.name} ({len(image.binary)} bytes, {mode or image.mode.value} mode, "
-            f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
-            f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})"
-        )
-        vm_kind = VmType.SW_PROTECTED if vm_private else VmType.DEFAULT
-        with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
-            if private:
-                m.add_private_memory(DATA_GPA, private_size)
-                if m.converter is not None:
-                    m.converter.start_accounting()  # the baseline the "private" bytes below count from
-                if arg == "0":
-                    user_arg = DATA_GPA
-
-            def on_sync(uc: Ucall) -> None:
-                # a guest may SYNC in a loop until --timeout: the report keeps the first few
-                sync_count[0] += 1
-                if len(syncs) < SYNCS_SHOWN:
-                    syncs.append(uc)
-                    if private:
-                        _accounting(m, uc)
-
-            m.load(image, mode=mode, arg=user_arg, page_size=PAGE_SIZE if page_size == "4k" else HUGE_PAGE_SIZE)
-            start = time.monotonic()
-            code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
-            try:
-                results = m.run_all(timeout, on_sync=on_sync)
-                if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
-                    code, verdict = EXIT_UNEXPECTED, "halted without GUEST_DONE"
-            except GuestAssertion as e:
-                code, verdict = EXIT_ASSERT, f"FAILED: {e}"
-            except GuestTimeout as e:
-                code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
-            except GuestError as e:  # UnexpectedExit, UcallError, MemoryFaultError: the guest's failure
-                code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
-            elapsed = time.monotonic() - start
-            _report(m, image.name, verdict, elapsed, syncs, sync_count[0])
-    sys.exit(code)
-
-
-def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall], sync_count: int) -> None:
-    """The guest's report: verdict, time and exits, the first SYNCs, memory held by each backing."""
-    click.echo(f"--- {name}: {verdict}")
-    click.echo(f"    time      {elapsed * 1000:.1f} ms, exits: {_exit_summary(_exit_counts(m))}")
-    for s in syncs:
-        click.echo(f"    sync      vCPU {s.vcpu_id} stage {s.stage} values {[hex(a) for a in s.args[1:] if a]}")
-    if sync_count > len(syncs):
-        click.echo(f"    sync      ... {sync_count - len(syncs)} more SYNCs not shown")
-    region = m.memory.region_at(0)
-    click.echo(
-        f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
-        f"guest_memfd {human_size(region.private_allocated())} resident"
-    )
-    if m.converter is not None:
-        st = m.converter.stats
-        click.echo(
-            f"    private   {st.conversions} conversions ({human_size(st.bytes_to_private)} to private, "
-            f"{human_size(st.bytes_to_shared)} to shared); now shared "
-            f"{human_size(m.converter.shared_allocated())}, private {human_size(m.converter.private_allocated())}"
-        )
-
-
-def _accounting(m: Machine, uc: Ucall) -> None:
-    """Per-step line for private guests: bytes held by each backing, conversions, exits so far."""
-    conv = m.converter
-    assert conv is not None
-    click.echo(
-        f"    step {uc.stage}: shared {human_size(conv.shared_allocated())}, private "
-        f"{human_size(conv.private_allocated())}, conversions {conv.stats.conversions}, "
-        f"exits: {_exit_summary(_exit_counts(m))}"
-    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -352,6 +143,7 @@ def nested_cmd(
     sys.exit(nested.exit_code(res))
 
 
+cli.add_command(boot)
 cli.add_command(bench)
 
 
