@@ -1,13 +1,17 @@
 /*
- * exit_loop: the reference for `vmm bench exits` (vmm/bench.py). A minimal C VMM that runs the
- * same guest as vmm's Python run loop (guest/build/bench_exits.bin) with the same machine: one
- * memfd-backed memslot at GPA 0, the flat image at 0x8000, long mode with 2M identity page tables,
- * a GDT and the supported CPUID, set up as vmm/cpu.py (and the kernel selftests' processor.c) do.
- * Then it runs KVM_RUN in a loop and dispatches the guest's ucalls exactly as vmm/runner.py does:
- * OUT to port 0x1000 carries the GPA of a 56-byte {cmd, args[6]} block read from guest memory;
- * SYNC is counted (and its counter checked), DONE stops.
+ * exit_loop: the reference for `vmm bench exits` (vmm/tools/bench/exits.py). A minimal C VMM that
+ * runs the same guest as vmm's Python run loop (guest/build/bench_exits.bin) with the same machine:
+ * one memfd-backed memslot at GPA 0, the flat image at 0x8000, long mode with 2M identity page
+ * tables, a GDT and the supported CPUID, set up as vmm/guest/x86.py (and the kernel selftests'
+ * processor.c) do, and GS at vCPU 0's ucall block. Then it runs KVM_RUN in a loop and dispatches
+ * the guest's ucalls exactly as vmm/guest/runner.py does: an OUT to port 0xe0 is a ucall whose
+ * 64-byte block {u32 header, u64 args[6] at 8} is read from guest memory at UCALL_GPA; SYNC is
+ * counted (and its counter checked), DONE stops.
  *
- * usage: exit_loop GUEST.bin SYNCS [MEM_BYTES]
+ * usage: exit_loop [--real] [--floor] GUEST.bin SYNCS [MEM_BYTES]
+ *   --real   start the guest in 16-bit real mode (GS selector 0x300) instead of long mode
+ *   --floor  the guest makes SYNCS bare OUTs to the port and then HLTs (guest/bench_floor*.S):
+ *            count the exits and read nothing, the physical floor of a PIO exit on this host
  * prints one JSON line: {"exits": SYNCS + 1, "syncs": ..., "seconds": ..., "us_per_exit": ...,
  * "cpu_seconds": ..., "cpu_us_per_exit": ...}: the time of the KVM_RUN loop only (first entry to
  * the DONE exit), wall clock (CLOCK_MONOTONIC) and this thread's CPU time (CLOCK_THREAD_CPUTIME_ID,
@@ -59,15 +63,19 @@
 #define SEL_DATA 0x10
 #define SEL_TSS  0x18
 
-/* vmm/ucall.py */
-#define UCALL_PORT 0x1000
+/* vmm/guest/layout.py and ucall.py */
+#define UCALL_PORT 0xe0
+#define UCALL_GPA  0x3000ull
+#define UCALL_WIDE (1u << 16)
+#define REAL_STACK_TOP 0x7000ull
 #define UCALL_SYNC 1
 #define UCALL_ABORT 2
 #define UCALL_PRINT 3
 #define UCALL_DONE 4
 
 struct ucall {
-	uint64_t cmd;
+	uint32_t header; /* cmd | nargs << 8 | UCALL_WIDE */
+	uint32_t pad;
 	uint64_t args[6];
 };
 
@@ -130,8 +138,19 @@ static double now(clockid_t clock)
 
 int main(int argc, char **argv)
 {
+	int real = 0, floor = 0;
+
+	while (argc > 1 && argv[1][0] == '-' && argv[1][1] == '-') {
+		if (!strcmp(argv[1], "--real"))
+			real = 1;
+		else if (!strcmp(argv[1], "--floor"))
+			floor = 1;
+		else
+			break;
+		argv++, argc--;
+	}
 	if (argc < 3 || argc > 4) {
-		fprintf(stderr, "usage: %s GUEST.bin SYNCS [MEM_BYTES]\n", argv[0]);
+		fprintf(stderr, "usage: exit_loop [--real] [--floor] GUEST.bin SYNCS [MEM_BYTES]\n");
 		return 2;
 	}
 	const char *image_path = argv[1];
@@ -195,24 +214,36 @@ int main(int argc, char **argv)
 
 	struct kvm_sregs sregs;
 	xioctl(vcpu, KVM_GET_SREGS, &sregs, "KVM_GET_SREGS");
-	sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-	sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-	sregs.efer = EFER_LME | EFER_LMA;
-	sregs.cr3 = pml4;
-	sregs.cs = segment(SEL_CODE, 11, 1, 0);
-	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = segment(SEL_DATA, 3, 0, 0);
-	sregs.tr = segment(SEL_TSS, 11, 0, 1);
-	sregs.tr.base = TSS_GPA;
-	sregs.tr.limit = 0x67;
-	sregs.tr.g = 0;
-	sregs.gdt.base = GDT_GPA;
-	sregs.gdt.limit = 5 * 8 - 1;
+	if (real) {
+		/* as vmm/guest/x86.py enter_real_mode: segments at 0, GS at the ucall block */
+		struct kvm_segment *segs[] = { &sregs.cs, &sregs.ds, &sregs.es, &sregs.fs, &sregs.ss };
+
+		for (unsigned i = 0; i < sizeof(segs) / sizeof(segs[0]); i++)
+			segs[i]->base = 0, segs[i]->selector = 0;
+		sregs.gs.base = UCALL_GPA;
+		sregs.gs.selector = UCALL_GPA >> 4;
+		stack_top = REAL_STACK_TOP;
+	} else {
+		sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+		sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+		sregs.efer = EFER_LME | EFER_LMA;
+		sregs.cr3 = pml4;
+		sregs.cs = segment(SEL_CODE, 11, 1, 0);
+		sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = segment(SEL_DATA, 3, 0, 0);
+		sregs.gs.base = UCALL_GPA;
+		sregs.tr = segment(SEL_TSS, 11, 0, 1);
+		sregs.tr.base = TSS_GPA;
+		sregs.tr.limit = 0x67;
+		sregs.tr.g = 0;
+		sregs.gdt.base = GDT_GPA;
+		sregs.gdt.limit = 5 * 8 - 1;
+	}
 	xioctl(vcpu, KVM_SET_SREGS, &sregs, "KVM_SET_SREGS");
 
 	/* entry registers: rdi = vCPU id, rsi = #vCPUs, rdx = first free GPA, rcx = arg, r8 = slot end */
 	struct kvm_regs regs = {
 		.rip = IMAGE_GPA, .rsp = stack_top, .rflags = 0x2,
-		.rdi = 0, .rsi = 1, .rdx = stack_top, .rcx = syncs, .r8 = mem_size,
+		.rdi = 0, .rsi = 1, .rdx = real ? IMAGE_END : stack_top, .rcx = syncs, .r8 = mem_size,
 	};
 	xioctl(vcpu, KVM_SET_REGS, &regs, "KVM_SET_REGS");
 
@@ -226,23 +257,31 @@ int main(int argc, char **argv)
 				continue;
 			die("KVM_RUN: %s", strerror(errno));
 		}
+		if (floor && run->exit_reason == KVM_EXIT_HLT) {
+			exits++;
+			break;
+		}
 		if (run->exit_reason != KVM_EXIT_IO || run->io.port != UCALL_PORT ||
-		    run->io.direction != KVM_EXIT_IO_OUT || run->io.size != 4)
+		    run->io.direction != KVM_EXIT_IO_OUT)
 			die("unexpected exit %u (io port %#x)", run->exit_reason, run->io.port);
-		uint32_t gpa;
-		memcpy(&gpa, (uint8_t *)run + run->io.data_offset, sizeof(gpa));
-		if (gpa > mem_size - sizeof(uc))
-			die("ucall block at %#x is outside guest memory", gpa);
-		memcpy(&uc, mem + gpa, sizeof(uc));
 		exits++;
-		if (uc.cmd == UCALL_SYNC) {
-			if (uc.args[0] != 1 || uc.args[1] != seen)
+		if (floor) {
+			seen++;
+			continue;
+		}
+		memcpy(&uc, mem + UCALL_GPA, sizeof(uc));
+		uint32_t cmd = uc.header & 0xff, nargs = uc.header >> 8 & 0xff;
+		uint64_t mask = uc.header & UCALL_WIDE ? ~0ull : 0xffffffffull;
+		if (nargs > 6)
+			die("bad ucall header %#x", uc.header);
+		if (cmd == UCALL_SYNC) {
+			if (nargs != 2 || (uc.args[0] & mask) != 1 || (uc.args[1] & mask) != seen)
 				die("SYNC %" PRIu64 ": got stage %" PRIu64 " value %" PRIu64, seen, uc.args[0], uc.args[1]);
 			seen++;
-		} else if (uc.cmd == UCALL_DONE) {
+		} else if (cmd == UCALL_DONE) {
 			break;
 		} else {
-			die("unexpected ucall %" PRIu64, uc.cmd);
+			die("unexpected ucall %u", cmd);
 		}
 	}
 	double cpu_seconds = now(CLOCK_THREAD_CPUTIME_ID) - cpu_start;

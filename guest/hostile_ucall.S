@@ -11,8 +11,8 @@
 #define ABORT_DEV_ZERO      2   /* assert in "/dev/zero", line 1 */
 #define ABORT_NAME_AT_PARAM 3   /* assert in the NUL-terminated name the host wrote at GPA rcx >> 8 */
 #define ABORT_CONTROL       4   /* file name and expression full of terminal escapes */
-#define BLOCK_OUTSIDE       5   /* ucall block address 0xfffff000: no memslot there */
-#define BLOCK_STRADDLES     6   /* ucall block 8 bytes before the end of slot 0 (r8) */
+#define HEADER_NARGS        5   /* a SYNC header claiming 7 arguments (the block has 6 slots) */
+#define HEADER_BITS         6   /* a SYNC header with bit 24 set (no such field) */
 #define PRINT_BAD_POINTER   7   /* PRINT of 5 bytes at 0xdead00000000 */
 #define PRINT_HUGE_LENGTH   8   /* PRINT of 1 TiB from a valid address */
 #define ABORT_BAD_FILE      9   /* assert whose file name pointer is 0xdead00000000 */
@@ -38,8 +38,8 @@ GUEST_ENTRY
     select ABORT_DEV_ZERO, abort_dev_zero
     select ABORT_NAME_AT_PARAM, abort_name_at_param
     select ABORT_CONTROL, abort_control
-    select BLOCK_OUTSIDE, block_outside
-    select BLOCK_STRADDLES, block_straddles
+    select HEADER_NARGS, header_nargs
+    select HEADER_BITS, header_bits
     select PRINT_BAD_POINTER, print_bad_pointer
     select PRINT_HUGE_LENGTH, print_huge_length
     select ABORT_BAD_FILE, abort_bad_file
@@ -66,15 +66,13 @@ abort_name_at_param:
 abort_control:
     ucall UCALL_ABORT, $name_control, $1, $expr_control
     jmp stop
-block_outside:
-    mov $0xfffff000, %eax
-    mov $UCALL_PORT, %dx
-    outl %eax, %dx
+header_nargs:
+    movl $(UCALL_SYNC | (7 << 8) | UCALL_WIDE), %gs:0
+    outb %al, $UCALL_PORT
     jmp stop
-block_straddles:
-    lea -8(%r8), %rax
-    mov $UCALL_PORT, %dx
-    outl %eax, %dx
+header_bits:
+    movl $(UCALL_SYNC | (1 << 24) | UCALL_WIDE), %gs:0
+    outb %al, $UCALL_PORT
     jmp stop
 print_bad_pointer:
     movabs $0xdead00000000, %rax

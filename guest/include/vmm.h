@@ -6,10 +6,13 @@
  *   r8 = end of slot 0. Real mode: the same in edi/esi/edx/ecx, segments 0, stack below 0x7000.
  *   Long mode: 4-level identity page tables over every memslot, flat 64-bit CS, 16 KiB stack.
  *
- * ucalls (vmm/guest/ucall.py): a 56-byte block {cmd, args[6]} (u64 each) is built on the stack and its
- * address is written with `out %eax, $UCALL_PORT`. Every macro preserves all registers and flags
- * except where it says so. Operands are AT&T: registers (%rax / %eax in real mode), $immediates,
- * or memory; not %rsp-relative.
+ * ucalls (vmm/guest/ucall.py): each vCPU owns a 64-byte block at UCALL_GPA + id * UCALL_SLOT, which the
+ * host points %gs at (long mode: GS.base; real mode: the GS selector). A ucall writes its header
+ * {cmd | nargs << 8 | width}, then its arguments (u64 slots; real mode writes the low halves), and
+ * exits with one `outb %al, $UCALL_PORT`: as few guest instructions as a call can take, because
+ * here every guest instruction is dear (README "Benchmarks": about 0.14 us each, 0.5 us per
+ * store, on this host's kvm_pvm). Every macro preserves all registers and flags. SYNC arguments are registers
+ * or $immediates (32-bit, sign-extended); ASSERT operands may also be memory.
  *
  *   GUEST_SYNC(stage)               host test gets Ucall(SYNC, (stage, ...))
  *   GUEST_SYNC2(stage, value)       ... with a value
@@ -27,9 +30,11 @@
 
 /* The guest ABI's addresses and ports: vmm/guest/layout.py holds the same values, and
  * selftests/harness/test_guest_layout.py checks that the two agree. */
-#define UCALL_PORT      0x1000
+#define UCALL_PORT      0xe0
 #define DEBUGCON_PORT   0xe9
-#define UCALL_SIZE      56
+#define UCALL_GPA       0x3000
+#define UCALL_SLOT      64
+#define UCALL_WIDE      0x10000
 #define IMAGE_GPA       0x8000
 #define IMAGE_END       0x100000
 #define REAL_STACK_TOP  0x7000
@@ -45,49 +50,43 @@
 #define GUEST_ENTRY     .section .text.entry, "ax"; .globl _start; _start:
 
 #ifdef VMM_REAL_MODE
-/* 16-bit: each u64 slot is pushed as two 32-bit halves (high half zero). */
-.macro ucall cmd, a0=$0, a1=$0, a2=$0, a3=$0, a4=$0, a5=$0
-    pushfl
-    pushl %eax
-    pushl %edx
-    pushl $0; pushl \a5
-    pushl $0; pushl \a4
-    pushl $0; pushl \a3
-    pushl $0; pushl \a2
-    pushl $0; pushl \a1
-    pushl $0; pushl \a0
-    pushl $0; pushl $\cmd
-    movzwl %sp, %eax
-    movw $UCALL_PORT, %dx
-    outl %eax, %dx
-    addw $UCALL_SIZE, %sp
-    popl %edx
-    popl %eax
-    popfl
+.macro ucall_store a, off
+    movl \a, %gs:\off
 .endm
+.macro ucall_spill a, off
+    pushl \a
+    popl %gs:\off
+.endm
+#define UCALL_WIDTH     0
 #define GUEST_CMP(a, b) cmpl b, a
 #else
-.macro ucall cmd, a0=$0, a1=$0, a2=$0, a3=$0, a4=$0, a5=$0
-    pushfq
-    pushq %rax
-    pushq %rdx
-    pushq \a5
-    pushq \a4
-    pushq \a3
-    pushq \a2
-    pushq \a1
-    pushq \a0
-    pushq $\cmd
-    movq %rsp, %rax
-    movw $UCALL_PORT, %dx
-    outl %eax, %dx
-    addq $UCALL_SIZE, %rsp
-    popq %rdx
-    popq %rax
-    popfq
+.macro ucall_store a, off
+    movq \a, %gs:\off
 .endm
+.macro ucall_spill a, off
+    pushq \a
+    popq %gs:\off
+.endm
+#define UCALL_WIDTH     UCALL_WIDE
 #define GUEST_CMP(a, b) cmpq b, a
 #endif
+
+/* Store the non-blank operands in slots 0, 1, ...; their count goes in the header. */
+.macro ucall_args slot, a0, a1, a2, a3, a4, a5
+    .ifnb \a0
+    ucall_store \a0, "(8 + 8 * \slot)"
+    ucall_args "(\slot + 1)", \a1, \a2, \a3, \a4, \a5
+    .else
+    .set .Lucall_nargs, \slot
+    .endif
+.endm
+
+/* One ucall: header, the given arguments, one exit. */
+.macro ucall cmd, a0, a1, a2, a3, a4, a5
+    ucall_args 0, \a0, \a1, \a2, \a3, \a4, \a5
+    movl $(\cmd | (.Lucall_nargs << 8) | UCALL_WIDTH), %gs:0
+    outb %al, $UCALL_PORT
+.endm
 
 .macro ucall_print text
     .pushsection .rodata
@@ -102,7 +101,14 @@
 .Labort_file\@: .asciz "\file"
 .Labort_expr\@: .asciz "\expr"
     .popsection
-    ucall UCALL_ABORT, $.Labort_file\@, $\line, $.Labort_expr\@, \a, \b
+    /* the compared operands may be memory: copied through the stack (the guest stops after this) */
+    ucall_spill \a, 32
+    ucall_spill \b, 40
+    ucall_store $.Labort_file\@, 8
+    ucall_store $\line, 16
+    ucall_store $.Labort_expr\@, 24
+    movl $(UCALL_ABORT | (5 << 8) | UCALL_WIDTH), %gs:0
+    outb %al, $UCALL_PORT
 .endm
 
 /* After an ABORT the host stops the vCPU; should it resume, stay halted. */

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.no_kvm
 SHARED = {
     "UCALL_PORT": layout.UCALL_PORT,
     "DEBUGCON_PORT": layout.DEBUGCON_PORT,
-    "UCALL_SIZE": layout.UCALL_SIZE,
+    "UCALL_GPA": layout.UCALL_GPA,
+    "UCALL_SLOT": layout.UCALL_SLOT,
+    "UCALL_WIDE": layout.UCALL_WIDE,
     "IMAGE_GPA": layout.IMAGE_GPA,
     "IMAGE_END": layout.IMAGE_END,
     "REAL_STACK_TOP": layout.REAL_STACK_TOP,

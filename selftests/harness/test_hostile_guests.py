@@ -19,6 +19,7 @@ from vmm.errors import UcallError
 from vmm.guest import runner as runner_module
 from vmm.guest import ucall as ucall_module
 from vmm.guest.image import guest_dir
+from vmm.guest.layout import ucall_block
 from vmm.tools.pytest_plugin import boot
 
 from helpers import run_vmm as vmm
@@ -28,12 +29,11 @@ pytestmark = pytest.mark.host_only
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 NAME_GPA = 0x300000  # free in slot 0 (4 MiB): where a test writes a file name for ABORT_NAME_AT_PARAM
-SLOT0_END = 4 << 20
 BAD = 0xDEAD00000000  # hostile_ucall.S's pointer outside guest memory
 
 # hostile_ucall.S: rcx bits 0-7 select the attack, rcx >> 8 is its parameter
 ABORT_ABSOLUTE, ABORT_DOTDOT, ABORT_DEV_ZERO, ABORT_NAME_AT_PARAM, ABORT_CONTROL = 0, 1, 2, 3, 4
-BLOCK_OUTSIDE, BLOCK_STRADDLES, PRINT_BAD_POINTER, PRINT_HUGE_LENGTH, ABORT_BAD_FILE = 5, 6, 7, 8, 9
+HEADER_NARGS, HEADER_BITS, PRINT_BAD_POINTER, PRINT_HUGE_LENGTH, ABORT_BAD_FILE = 5, 6, 7, 8, 9
 UNKNOWN_COMMAND, PRINT_CONTROL, PRINT_LONG, ABORT_BAD_EXPR, ABORT_OWN_FILE, ABORT_HUGE_LINE = 10, 11, 12, 13, 14, 15
 # hostile_console.S: the same encoding
 PARTIAL_DONE, PARTIAL_ASSERT, PARTIAL_SPIN, FLOOD_OUTB, FLOOD_REP_OUTSB, CONTROL, PARTIAL_HLT, LINES_OUTB = range(8)
@@ -177,8 +177,8 @@ def test_guest_strings_are_printed_as_data(kvm: Kvm) -> None:
 
 BAD_UCALLS = {
     # attack: (address, length, cmd) the error must carry (None: not checked)
-    BLOCK_OUTSIDE: (0xFFFFF000, 56, None),
-    BLOCK_STRADDLES: (SLOT0_END - 8, 56, None),
+    HEADER_NARGS: (ucall_block(0), None, UcallCmd.SYNC),
+    HEADER_BITS: (ucall_block(0), None, UcallCmd.SYNC),
     PRINT_BAD_POINTER: (BAD, 5, UcallCmd.PRINT),
     PRINT_HUGE_LENGTH: (None, 1 << 40, UcallCmd.PRINT),
     ABORT_BAD_FILE: (BAD, None, UcallCmd.ABORT),
@@ -189,7 +189,7 @@ BAD_UCALLS = {
 
 @pytest.mark.parametrize("attack", list(BAD_UCALLS), ids=lambda a: f"attack{a}")
 def test_bad_ucall_is_a_guest_failure(kvm: Kvm, attack: int) -> None:
-    """A ucall block, PRINT text or ABORT string outside guest memory, or an unknown command, stops
+    """A malformed ucall header, PRINT text or ABORT string outside guest memory, or an unknown command, stops
     the run with UcallError: the exit, the bad address/length and the vCPU's registers."""
     address, length, cmd = BAD_UCALLS[attack]
     with boot("hostile_ucall", kvm, arg=selector(attack)) as m:
@@ -206,9 +206,11 @@ def test_bad_ucall_is_a_guest_failure(kvm: Kvm, attack: int) -> None:
         assert e.cmd == cmd
     if attack == UNKNOWN_COMMAND:
         assert "Unknown ucall 0x77." in message  # the kernel's TEST_FAIL("Unknown ucall 0x%lx.")
+    if attack in (HEADER_NARGS, HEADER_BITS):
+        assert ("header 0x10701 " if attack == HEADER_NARGS else "header 0x1010001 ") in message
 
 
-@pytest.mark.parametrize("attack", [BLOCK_OUTSIDE, PRINT_BAD_POINTER, ABORT_BAD_FILE, UNKNOWN_COMMAND])
+@pytest.mark.parametrize("attack", [HEADER_NARGS, PRINT_BAD_POINTER, ABORT_BAD_FILE, UNKNOWN_COMMAND])
 def test_bad_ucall_exit_code(attack: int) -> None:
     """`vmm boot` stops such a guest with exit 3 and its verdict (not exit 2, "usage error")."""
     proc = vmm("boot", "hostile_ucall", "--arg", str(selector(attack)))

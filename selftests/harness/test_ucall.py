@@ -3,10 +3,14 @@ host-side message shows the guest source file, line, expression and both values.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from vmm import GuestAssertion, Kvm, Machine, Ucall, UcallCmd, load_guest
 from vmm.guest import image as guest_image
+from vmm.errors import VmmError
+from vmm.guest.layout import MAX_VCPUS, REAL_MAX_VCPUS, UCALL_WIDE, ucall_block
 from vmm.tools.pytest_plugin import boot
 
 
@@ -25,7 +29,7 @@ def test_sync_print_done(kvm: Kvm) -> None:
 
 @pytest.mark.parametrize("mode", ["long", "real"])
 def test_print_in_both_modes(kvm: Kvm, mode: str) -> None:
-    """PRINT works from 16-bit and 64-bit code alike (the block is built on the stack)."""
+    """PRINT works from 16-bit and 64-bit code alike (GS at the block: a selector in real mode)."""
     printed: list[str] = []
     name = "real_mode" if mode == "real" else "hello"
     with Machine(kvm=kvm, output=lambda v, text: printed.append(text)) as m:
@@ -52,9 +56,40 @@ def test_guest_assert_reports_line_and_values(kvm: Kvm) -> None:
 
 
 def test_ucall_block_is_read_from_guest_memory(kvm: Kvm) -> None:
-    """The SYNC block lies on the guest stack: its address (the OUT value) is inside slot 0."""
+    """hello's SYNC(1, vCPU id) lies in vCPU 0's block at UCALL_GPA: header SYNC, 2 arguments, wide."""
     with boot("hello", kvm) as m:
         m.run(timeout=5)
-        run = m.vcpus[0].kvm_run
-        addr = int.from_bytes(m.vcpus[0].run_bytes[run.io.data_offset : run.io.data_offset + 4], "little")
-        assert m.memory.read(addr, 16) == (1).to_bytes(8, "little") * 2  # cmd SYNC, stage 1
+        header, pad, stage, value = struct.unpack("<IIQQ", m.memory.read(ucall_block(0), 24))
+        assert header == UcallCmd.SYNC | 2 << 8 | UCALL_WIDE and (stage, value) == (1, 0)
+        assert m.vcpus[0].get_sregs().gs.base == ucall_block(0)
+
+
+def test_each_vcpu_has_its_own_block(kvm: Kvm) -> None:
+    """smp's 4 vCPUs SYNC their ids at once: each id comes back from its own block (GS.base)."""
+    syncs: list[Ucall] = []
+    with boot("smp", kvm, vcpus=4) as m:
+        results = m.run_all(timeout=20, on_sync=syncs.append)
+        assert all(isinstance(r, Ucall) and r.cmd == UcallCmd.DONE for r in results)
+        assert sorted((s.vcpu_id, s.args[:2]) for s in syncs) == [(i, (1, i)) for i in range(4)]
+        assert [v.get_sregs().gs.base for v in m.vcpus] == [ucall_block(i) for i in range(4)]
+
+
+def test_real_mode_arguments_are_32_bit(kvm: Kvm) -> None:
+    """A real-mode SYNC stores 32-bit halves (no UCALL_WIDE): the host reads the low halves only,
+    whatever the high halves of the slots hold."""
+    with boot("real_mode", kvm) as m:
+        m.memory.write(ucall_block(0) + 8, b"\xff" * 48)  # garbage in every slot's high half
+        first = m.run(timeout=5)
+        assert isinstance(first, Ucall) and first.cmd == UcallCmd.SYNC and first.args == (1, 0, 0, 0, 0, 0)
+        header = struct.unpack("<I", m.memory.read(ucall_block(0), 4))[0]
+        assert header & UCALL_WIDE == 0
+
+
+def test_too_many_vcpus_are_refused(kvm: Kvm) -> None:
+    """One ucall block per vCPU: a machine past MAX_VCPUS, or a real-mode guest past REAL_MAX_VCPUS
+    (its stacks would meet the blocks), is refused with the limit named."""
+    with pytest.raises(VmmError, match=f"1 to {MAX_VCPUS} vCPUs"):
+        Machine(kvm=kvm, vcpus=MAX_VCPUS + 1)
+    with Machine(kvm=kvm, vcpus=REAL_MAX_VCPUS + 1) as m:
+        with pytest.raises(VmmError, match=f"at most {REAL_MAX_VCPUS} vCPUs"):
+            m.load(load_guest("real_mode"))

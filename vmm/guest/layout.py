@@ -23,9 +23,23 @@ STACK_SIZE = 0x4000
 #: Where tests and `vmm boot` put a guest's data region (private_mem_conversions_test's 4 GiB).
 DATA_GPA = 1 << 32
 
-#: A 32-bit OUT of a ucall block's address to this port is one ucall (vmm.guest.ucall).
-UCALL_PORT = 0x1000
+#: An OUT to this port is one ucall (vmm.guest.ucall): below 0x100, so `outb %al, $UCALL_PORT` needs no
+#: register (each guest instruction costs ~0.14 us on this host's kvm_pvm; README "Benchmarks").
+UCALL_PORT = 0xE0
 #: Bytes written with OUT to this port are console text (QEMU's debugcon port).
 DEBUGCON_PORT = 0xE9
-#: Size of a ucall block: cmd and six arguments, u64 each.
-UCALL_SIZE = 56
+#: vCPU n's ucall block is at UCALL_GPA + n * UCALL_SLOT (the guest reaches it through %gs).
+UCALL_GPA = 0x3000
+#: Bytes per vCPU ucall block: a u32 header, then six u64 argument slots at offset 8.
+UCALL_SLOT = 64
+#: Header bit: the arguments are u64 (long mode); without it the host reads their low halves (real mode).
+UCALL_WIDE = 1 << 16
+#: Real-mode vCPUs: their ucall blocks (upward from UCALL_GPA) and stacks (down from REAL_STACK_TOP) meet here.
+REAL_MAX_VCPUS = (REAL_STACK_TOP - UCALL_GPA) // (UCALL_SLOT + REAL_STACK_SIZE)
+#: Long-mode vCPUs: their ucall blocks fill [UCALL_GPA, REAL_STACK_TOP).
+MAX_VCPUS = (REAL_STACK_TOP - UCALL_GPA) // UCALL_SLOT
+
+
+def ucall_block(vcpu_id: int) -> int:
+    """The GPA of vCPU ``vcpu_id``'s ucall block."""
+    return UCALL_GPA + vcpu_id * UCALL_SLOT

@@ -19,7 +19,20 @@ from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, 
 
 from . import x86
 from .image import GuestImage
-from .layout import GDT_GPA, IMAGE_END, IMAGE_GPA, REAL_STACK_SIZE, REAL_STACK_TOP, STACK_SIZE, SYSTEM_GPA, TSS_GPA
+from .layout import (
+    GDT_GPA,
+    IMAGE_END,
+    IMAGE_GPA,
+    MAX_VCPUS,
+    REAL_MAX_VCPUS,
+    REAL_STACK_SIZE,
+    REAL_STACK_TOP,
+    STACK_SIZE,
+    SYSTEM_GPA,
+    TSS_GPA,
+    UCALL_GPA,
+    ucall_block,
+)
 from .runner import Runner, deadline_after, print_guest_output
 from .ucall import Ucall
 from .x86 import Mode, PageAllocator
@@ -47,6 +60,8 @@ class Machine:
         Converter (``self.converter``) whose handlers serve memory faults and MAP_GPA_RANGE."""
         # everything made here is closed by self._stack, in reverse order, also when a later step
         # of this constructor fails: nothing leaks and close() needs no "was it made?" checks
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise VmmError(f"a machine has 1 to {MAX_VCPUS} vCPUs (one ucall block each), not {vcpus}")
         self._stack = ExitStack()
         try:
             self.kvm = kvm if kvm is not None else self._stack.enter_context(Kvm())
@@ -126,11 +141,20 @@ class Machine:
             self.handlers.protected = []
         what = f"the guest image ({len(data)} bytes at {IMAGE_GPA:#x}, then its .bss up to {IMAGE_END:#x})"
         self._protect(ProtectedRange(IMAGE_GPA, IMAGE_END, what))
+        blocks = ucall_block(len(self.vcpus))
+        self._protect(ProtectedRange(UCALL_GPA, blocks, "the vCPUs' ucall blocks"))
         if mode is Mode.REAL:
+            if len(self.vcpus) > REAL_MAX_VCPUS:
+                raise VmmError(
+                    f"a real-mode guest has at most {REAL_MAX_VCPUS} vCPUs (their stacks below {REAL_STACK_TOP:#x} "
+                    f"would overlap the ucall blocks from {UCALL_GPA:#x}), not {len(self.vcpus)}"
+                )
             for v in self.vcpus:
                 top = REAL_STACK_TOP - v.id * REAL_STACK_SIZE
                 self._protect(ProtectedRange(top - REAL_STACK_SIZE, top, f"vCPU {v.id}'s real-mode stack"))
-                x86.enter_real_mode(v, IMAGE_GPA, top, (v.id, len(self.vcpus), IMAGE_END, arg, slot0_end))
+                x86.enter_real_mode(
+                    v, IMAGE_GPA, top, (v.id, len(self.vcpus), IMAGE_END, arg, slot0_end), ucall_block(v.id)
+                )
             return
         self.allocator = PageAllocator(self.memory)
         self.page_tables = x86.setup_long_mode_tables(
@@ -144,7 +168,8 @@ class Machine:
         for v, top in zip(self.vcpus, stacks):
             self._protect(ProtectedRange(top - STACK_SIZE, top, f"vCPU {v.id}'s stack"))
             v.set_cpuid2(self.kvm.supported_cpuid)
-            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end))
+            entry_args = (v.id, len(self.vcpus), free, arg, slot0_end)
+            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, entry_args, ucall_block(v.id))
 
     def _protect(self, r: ProtectedRange) -> None:
         """Record guest memory vmm placed something in; private-memory handlers refuse to convert it."""

@@ -139,8 +139,9 @@ def setup_long_mode_tables(memory: GuestMemory, alloc: PageAllocator, page_size:
     return tables
 
 
-def enter_long_mode(vcpu: Vcpu, cr3: int, entry: int, stack_top: int, args: Iterable[int]) -> None:
-    """Put ``vcpu`` in 64-bit mode at ``entry`` with paging on CR3 and the given argument registers."""
+def enter_long_mode(vcpu: Vcpu, cr3: int, entry: int, stack_top: int, args: Iterable[int], gs_base: int) -> None:
+    """Put ``vcpu`` in 64-bit mode at ``entry`` with paging on CR3, the given argument registers, and
+    GS.base at ``gs_base`` (its ucall block)."""
     s = vcpu.get_sregs()
     s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
@@ -149,6 +150,7 @@ def enter_long_mode(vcpu: Vcpu, cr3: int, entry: int, stack_top: int, args: Iter
     s.cs = _segment(SEL_CODE, 11, code=True)
     for name in ("ds", "es", "fs", "gs", "ss"):
         setattr(s, name, _segment(SEL_DATA, 3))
+    s.gs.base = gs_base
     tr = _segment(SEL_TSS, 11, system=True)
     tr.base, tr.limit, tr.g = TSS_GPA, 0x67, 0
     s.tr = tr
@@ -157,12 +159,14 @@ def enter_long_mode(vcpu: Vcpu, cr3: int, entry: int, stack_top: int, args: Iter
     _set_entry_regs(vcpu, entry, stack_top, args)
 
 
-def enter_real_mode(vcpu: Vcpu, entry: int, stack_top: int, args: Iterable[int]) -> None:
-    """Put ``vcpu`` in 16-bit real mode with all segments at 0, so addresses are physical."""
+def enter_real_mode(vcpu: Vcpu, entry: int, stack_top: int, args: Iterable[int], gs_base: int) -> None:
+    """Put ``vcpu`` in 16-bit real mode with segments at 0, so addresses are physical, except GS,
+    whose selector points at ``gs_base`` (its ucall block; 16-byte aligned)."""
     s = vcpu.get_sregs()
     for name in ("cs", "ds", "es", "fs", "gs", "ss"):
         seg = getattr(s, name)
         seg.base, seg.selector = 0, 0
+    s.gs.base, s.gs.selector = gs_base, gs_base >> 4
     vcpu.set_sregs(s)
     _set_entry_regs(vcpu, entry, stack_top, args)
 

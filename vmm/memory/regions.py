@@ -180,6 +180,7 @@ class GuestMemory:
         self.regions: list[Region] = []
         self._starts: list[int] = []
         self.attributes: AttributeMap | None = None  # vmm's map of private ranges (the Converter's)
+        self.generation = 0  # bumped whenever a region comes or goes: lets hot paths cache a lookup
 
     def add(
         self,
@@ -248,11 +249,13 @@ class GuestMemory:
         i = bisect.bisect(self._starts, region.gpa)
         self.regions.insert(i, region)
         self._starts.insert(i, region.gpa)
+        self.generation += 1
 
     def _remove(self, region: Region) -> None:
         """Take ``region`` out of the GPA-sorted lists."""
         i = self.regions.index(region)
         del self.regions[i], self._starts[i]
+        self.generation += 1
 
     def _free_slot(self) -> int:
         used = {r.slot for r in self.regions}
@@ -367,6 +370,7 @@ class GuestMemory:
             r.close()
         self.regions.clear()
         self._starts.clear()
+        self.generation += 1
 
 
 def _shared_memfd(size: int, hugepages: HugePages) -> tuple[int, mmap.mmap]:

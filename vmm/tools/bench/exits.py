@@ -1,12 +1,15 @@
-"""`vmm bench exits`: the PIO ucall round trip through vmm's run loop against a minimal C KVM_RUN loop.
+"""`vmm bench exits`: the PIO ucall round trip through vmm's run loop, against a minimal C KVM_RUN
+loop on the same guest and against the floor, a C loop over bare OUTs.
 
-Both sides run the same guest (guest/bench_exits.S: N x GUEST_SYNC2(1, i), then GUEST_DONE) on the
-same machine (one memfd slot at GPA 0, long mode), and both handle every exit the same way: read
-the OUT's 4-byte value, fetch the 56-byte ucall block from guest memory, dispatch on cmd, check
-the SYNC counter. The C side is bench/exit_loop.c; the Python side is ``Machine.run()`` (Runner.run
--> Vcpu.run -> ucall decode) in a loop. Only the run loops are timed, not VM creation. Runs
-alternate C/Python (and swap order each round) so drift from other load hits both; the medians
-are compared.
+Rows, all measured in one run, interleaved (the order reversed every other round) so drift from
+other load hits every row; medians are compared:
+- floor (long, real): bench/exit_loop.c --floor on guest/bench_floor*.S, one `outb` per exit and
+  nothing read: the cheapest exit this host's KVM can make;
+- C ucall (long, real): bench/exit_loop.c on guest/bench_exits*.S (N x GUEST_SYNC2(1, i), DONE),
+  reading each ucall block from guest memory and checking the SYNC counter as vmm does;
+- vmm (long, real): ``Machine.run()`` (Runner.run -> Vcpu.run -> ucall decode) in a loop on the
+  same guests. Only the run loops are timed, not VM creation.
+The target is vmm/C on the long-mode guest.
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ TARGET_RATIO = 1.10
 DEFAULT_EXITS = 200_000
 DEFAULT_REPEATS = 5
 GUEST = "bench_exits"
+# row -> (guest, exit_loop flags); the vmm rows run the same guests through Machine.run()
+C_ROWS = {
+    "floor": ("bench_floor", ["--floor"]),
+    "floor_real": ("bench_floor_real", ["--real", "--floor"]),
+    "c": ("bench_exits", []),
+    "c_real": ("bench_exits_real", ["--real"]),
+}
+PY_ROWS = {"python": "bench_exits", "python_real": "bench_exits_real"}
+LABELS = {
+    "floor": "floor: bare OUT, C",
+    "floor_real": "floor, real mode",
+    "c": "ucall, C loop",
+    "c_real": "ucall, C, real mode",
+    "python": "ucall, vmm",
+    "python_real": "ucall, vmm, real",
+}
 BUSY_WALL_OVER_CPU = 1.15
 CC_FLAGS = ["-O2", "-Wall", "-Wextra"]  # the Makefile's rule for bench/build/exit_loop
 
@@ -59,9 +78,10 @@ def c_binary() -> Path:
     return out
 
 
-def run_c(binary: Path, image_path: str, syncs: int) -> dict:
+def run_c(binary: Path, image_path: str, syncs: int, flags: list[str] | None = None) -> dict:
     """One run of the C loop; its own JSON line (time of its KVM_RUN loop only)."""
-    proc = subprocess.run([str(binary), image_path, str(syncs), str(DEFAULT_MEM_SIZE)], capture_output=True, text=True)
+    cmd = [str(binary), *(flags or []), image_path, str(syncs), str(DEFAULT_MEM_SIZE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise VmmError(f"{binary.name} failed: {proc.stderr.strip() or f'exit status {proc.returncode}'}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,23 +119,30 @@ def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
 
 
 def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -> dict:
-    """Run C and Python ``repeats`` times each, interleaved; median µs/exit of each and their ratio.
+    """Run every row ``repeats`` times, interleaved; median µs/exit of each, vmm/C and C/floor.
 
-    ``exits`` is the number of SYNC ucalls; each run handles ``exits + 1`` exits (the DONE too)."""
+    ``exits`` is the number of SYNC ucalls (or bare OUTs); each run handles ``exits + 1`` exits
+    (the DONE or HLT too)."""
     if exits < 1 or repeats < 1:
         raise VmmError("exits and repeats must be at least 1")
     binary = c_binary()
-    image = load_guest(GUEST)
-    with Kvm() as kvm, tempfile.NamedTemporaryFile(prefix="bench_exits.", suffix=".bin") as f:
-        f.write(image.binary)  # exactly the bytes the Python side loads
-        f.flush()
-        runs = interleaved(
-            repeats,
-            ("c", "python"),
-            lambda impl: run_c(binary, f.name, exits) if impl == "c" else run_python(kvm, image, exits),
-        )
-    c, py = median(runs, "c", "us_per_exit"), median(runs, "python", "us_per_exit")
-    c_cpu, py_cpu = median(runs, "c", "cpu_us_per_exit"), median(runs, "python", "cpu_us_per_exit")
+    images = {name: load_guest(name) for name, _ in C_ROWS.values()}
+    with Kvm() as kvm, tempfile.TemporaryDirectory(prefix="bench_exits.") as tmp:
+        paths = {}
+        for name, image in images.items():  # exactly the bytes the Python side loads
+            paths[name] = Path(tmp, f"{name}.bin")
+            paths[name].write_bytes(image.binary)
+
+        def run(row: str) -> dict:
+            if row in C_ROWS:
+                guest, flags = C_ROWS[row]
+                return run_c(binary, str(paths[guest]), exits, flags)
+            return run_python(kvm, images[PY_ROWS[row]], exits)
+
+        runs = interleaved(repeats, (*C_ROWS, *PY_ROWS), run)
+    wall = {row: median(runs, row, "us_per_exit") for row in (*C_ROWS, *PY_ROWS)}
+    cpu = {row: median(runs, row, "cpu_us_per_exit") for row in (*C_ROWS, *PY_ROWS)}
+    c, py, c_cpu, py_cpu = wall["c"], wall["python"], cpu["c"], cpu["python"]
     return {
         "benchmark": "pio-ucall-exit",
         "exits": exits + 1,
@@ -123,15 +150,21 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
         "repeats": repeats,
         "python_us_per_exit": py,
         "c_us_per_exit": c,
+        "floor_us_per_exit": wall["floor"],
+        "us_per_exit": wall,
+        "cpu_us_per_exit": cpu,
         "ratio": py / c,
         "target_ratio": TARGET_RATIO,
         "within_target": py / c <= TARGET_RATIO,
+        # what the ucall itself adds to a bare exit, in the C loop (stores in the guest, one read in the host)
+        "c_over_floor": c / wall["floor"],
+        "real_ratio": wall["python_real"] / wall["c_real"],
         # the same on the running thread's CPU time (guest time included): steadier on a busy host
         "python_cpu_us_per_exit": py_cpu,
         "c_cpu_us_per_exit": c_cpu,
         "cpu_ratio": py_cpu / c_cpu,
         # wall time well above CPU time: other load preempted the loops, the wall figures are noise
-        "host_busy": max(c / c_cpu, py / py_cpu) > BUSY_WALL_OVER_CPU,
+        "host_busy": max(wall[row] / cpu[row] for row in wall) > BUSY_WALL_OVER_CPU,
         "runs": runs,
         "host": host_info(),
     }
@@ -139,20 +172,28 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
 
 def format_table(result: dict) -> str:
     """A small human summary of ``run_exit_bench``'s result."""
-    runs = result["runs"]
+    runs, wall, cpu, floor = (
+        result["runs"],
+        result["us_per_exit"],
+        result["cpu_us_per_exit"],
+        result["floor_us_per_exit"],
+    )
     lines = [
-        f"PIO ucall exit round trip: {result['exits']} exits x {result['repeats']} runs each, interleaved",
+        f"PIO exit round trip: {result['exits']} exits x {result['repeats']} runs of each row, interleaved",
         f"host: {result['host']['kernel']} {result['host']['machine']}, {result['host']['cpu'] or 'unknown CPU'}",
-        f"{'µs/exit':16}{'median':>9}{'min':>9}{'max':>9}{'cpu median':>12}",
+        f"{'µs/exit':22}{'median':>9}{'min':>9}{'max':>9}{'cpu median':>12}{'x floor':>9}",
     ]
-    for impl, label in (("c", "C KVM_RUN loop"), ("python", "vmm Runner.run")):
-        wall = [x["us_per_exit"] for x in runs if x["impl"] == impl]
-        cpu = result[f"{impl}_cpu_us_per_exit"]
-        lines.append(f"{label:16}{result[f'{impl}_us_per_exit']:9.3f}{min(wall):9.3f}{max(wall):9.3f}{cpu:12.3f}")
+    for row, label in LABELS.items():
+        times = [x["us_per_exit"] for x in runs if x["impl"] == row]
+        base = result["us_per_exit"]["floor_real" if row.endswith("real") else "floor"]
+        lines.append(
+            f"{label:22}{wall[row]:9.3f}{min(times):9.3f}{max(times):9.3f}{cpu[row]:12.3f}{wall[row] / base:9.2f}"
+        )
     verdict = "within target" if result["within_target"] else "ABOVE target"
     lines.append(
-        f"ratio python/C: {result['ratio']:.3f} wall, {result['cpu_ratio']:.3f} cpu "
-        f"(target <= {result['target_ratio']:.2f} wall: {verdict})"
+        f"ratio vmm/C: {result['ratio']:.3f} wall, {result['cpu_ratio']:.3f} cpu "
+        f"(target <= {result['target_ratio']:.2f} wall: {verdict}); real mode {result['real_ratio']:.3f}; "
+        f"C ucall / floor {result['c_over_floor']:.2f} ({floor:.2f} µs)"
     )
     if result["host_busy"]:
         lines.append("note: wall time exceeds CPU time by >15%: the host is busy, trust the cpu figures")
