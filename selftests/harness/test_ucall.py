@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from vmm import GuestAssertion, Kvm, Machine, Ucall, UcallCmd, load_guest
-from vmm.guest import image as guest_image
 from vmm.errors import VmmError
+from vmm.guest import image as guest_image
 from vmm.guest.layout import MAX_VCPUS, REAL_MAX_VCPUS, UCALL_WIDE, ucall_block
 from vmm.tools.pytest_plugin import boot
 
