@@ -131,6 +131,7 @@ class Runner:
         self.guest_output = GuestOutput(vcpu.id, output)  # PRINTs and console lines, bounded per run
         self._low_view: memoryview | bytes = b""  # _low_memory()'s answer for memory.generation ...
         self._low_generation = -1  # ... this one
+        self._block = ucall_block(vcpu.id)  # this vCPU's ucall block
 
     @property
     def output(self) -> Callable[[int, str], None]:
@@ -240,15 +241,16 @@ class Runner:
 
     def _loop(self) -> Ucall | Exit:
         """Enter the guest until SYNC, DONE or HLT (an exception for everything that ends the run)."""
-        vcpu, run_page, counts = self.vcpu, self.vcpu.kvm_run, self.exit_counts
-        run_bytes, run_u32, io, enter, vcpu_id = vcpu.run_bytes, vcpu.run_u32, run_page.io, vcpu.run, vcpu.id
-        low_view, block = self._low_memory(), ucall_block(vcpu_id)
+        vcpu, counts, block = self.vcpu, self.exit_counts, self._block
+        run_u32, enter, vcpu_id = vcpu.run_u32, vcpu.run, vcpu.id
+        low_view = self._low_view if self._low_generation == self.memory.generation else self._low_memory()
         try:
             while True:
                 reason = enter()
                 counts[reason & 63] += 1
                 if reason == _EXIT_IO:
-                    # kvm_run.io's first word: direction (u8), size (u8), port (u16); one read, not three
+                    # kvm_run.io's first word: direction (u8), size (u8), port (u16); read through the u32
+                    # view, no ctypes object made per run() call (the stepping hot path)
                     if run_u32[_IO_WORD] >> 16 == UCALL_PORT and run_u32[_IO_WORD] & 0xFF == KVM_EXIT_IO_OUT:
                         uc = decode(low_view, vcpu_id, block) if low_view else self._far_ucall(block)
                         if uc is None:
@@ -260,14 +262,15 @@ class Runner:
                             self.guest_output.end()
                             return uc
                         self._ucall(uc)
-                    elif io.port == DEBUGCON_PORT and io.direction == KVM_EXIT_IO_OUT:
+                    elif run_u32[_IO_WORD] >> 16 == DEBUGCON_PORT and run_u32[_IO_WORD] & 0xFF == KVM_EXIT_IO_OUT:
+                        io = vcpu.kvm_run.io
                         off = io.data_offset
-                        self.guest_output.console(run_bytes[off : off + io.size * io.count].tobytes())
+                        self.guest_output.console(vcpu.run_bytes[off : off + io.size * io.count].tobytes())
                     elif not self.handlers.on_io(vcpu, cast(IoExit, vcpu.exit(reason))):
                         raise self.unexpected(reason)
                 elif reason == _EXIT_INTR:
                     # clear first, then look: a kick sets its flag before immediate_exit, so none is lost
-                    run_page.immediate_exit = 0
+                    vcpu.kvm_run.immediate_exit = 0
                     if self.timed_out or self.stop_reason is not None:
                         raise self._interrupted()
                 elif reason == _EXIT_HLT:

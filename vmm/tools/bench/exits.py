@@ -14,6 +14,7 @@ The target is vmm/C on the long-mode guest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import tempfile
@@ -24,7 +25,9 @@ from vmm.errors import VmmError
 from vmm.guest import GuestImage, load_guest
 from vmm.guest.machine import DEFAULT_MEM_SIZE, Machine
 from vmm.guest.ucall import Ucall, UcallCmd
+from vmm.kvm import uapi
 from vmm.kvm.system import Kvm
+from vmm.kvm.uapi import ExitReason
 from vmm.paths import CHECKOUT
 
 from .common import host_info, interleaved, median
@@ -40,7 +43,7 @@ C_ROWS = {
     "c": ("bench_exits", []),
     "c_real": ("bench_exits_real", ["--real"]),
 }
-PY_ROWS = {"python": "bench_exits", "python_real": "bench_exits_real"}
+PY_ROWS = {"python": "bench_exits", "python_real": "bench_exits_real", "python_floor": "bench_floor"}
 LABELS = {
     "floor": "floor: bare OUT, C",
     "floor_real": "floor, real mode",
@@ -48,6 +51,7 @@ LABELS = {
     "c_real": "ucall, C, real mode",
     "python": "ucall, vmm",
     "python_real": "ucall, vmm, real",
+    "python_floor": "floor: bare OUT, Python",
 }
 BUSY_WALL_OVER_CPU = 1.15
 CC_FLAGS = ["-O2", "-Wall", "-Wextra"]  # the Makefile's rule for bench/build/exit_loop
@@ -118,6 +122,29 @@ def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     }
 
 
+def run_python_floor(kvm: Kvm, image: GuestImage, outs: int) -> dict:
+    """The floor of any Python VMM: fcntl.ioctl(KVM_RUN) in a bare loop on the bare-OUT guest, no
+    exit decoded. What it costs above the C floor is the interpreter's, not vmm's."""
+    with Machine(kvm=kvm) as m:
+        m.load(image, arg=outs)
+        fd, request, ioctl = m.vcpus[0].fd, uapi.KVM_RUN, fcntl.ioctl
+        exits = outs + 1
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        for _ in range(exits):
+            ioctl(fd, request, 0)
+        cpu_seconds = time.thread_time() - cpu_start
+        seconds = time.perf_counter() - start
+        if m.vcpus[0].kvm_run.exit_reason != ExitReason.HLT:
+            raise VmmError(f"python floor: the guest did not halt after {outs} OUTs")
+    return {
+        "exits": exits,
+        "seconds": seconds,
+        "us_per_exit": seconds * 1e6 / exits,
+        "cpu_seconds": cpu_seconds,
+        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
+    }
+
+
 def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -> dict:
     """Run every row ``repeats`` times, interleaved; median µs/exit of each, vmm/C and C/floor.
 
@@ -137,6 +164,8 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
             if row in C_ROWS:
                 guest, flags = C_ROWS[row]
                 return run_c(binary, str(paths[guest]), exits, flags)
+            if row == "python_floor":
+                return run_python_floor(kvm, images[PY_ROWS[row]], exits)
             return run_python(kvm, images[PY_ROWS[row]], exits)
 
         runs = interleaved(repeats, (*C_ROWS, *PY_ROWS), run)
@@ -159,6 +188,8 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
         # what the ucall itself adds to a bare exit, in the C loop (stores in the guest, one read in the host)
         "c_over_floor": c / wall["floor"],
         "real_ratio": wall["python_real"] / wall["c_real"],
+        # the interpreter's share: a bare fcntl.ioctl loop over the C floor
+        "python_floor_ratio": wall["python_floor"] / wall["floor"],
         # the same on the running thread's CPU time (guest time included): steadier on a busy host
         "python_cpu_us_per_exit": py_cpu,
         "c_cpu_us_per_exit": c_cpu,
@@ -185,7 +216,7 @@ def format_table(result: dict) -> str:
     ]
     for row, label in LABELS.items():
         times = [x["us_per_exit"] for x in runs if x["impl"] == row]
-        base = result["us_per_exit"]["floor_real" if row.endswith("real") else "floor"]
+        base = wall["floor_real" if row.endswith("real") else "floor"]
         lines.append(
             f"{label:22}{wall[row]:9.3f}{min(times):9.3f}{max(times):9.3f}{cpu[row]:12.3f}{wall[row] / base:9.2f}"
         )
@@ -193,7 +224,8 @@ def format_table(result: dict) -> str:
     lines.append(
         f"ratio vmm/C: {result['ratio']:.3f} wall, {result['cpu_ratio']:.3f} cpu "
         f"(target <= {result['target_ratio']:.2f} wall: {verdict}); real mode {result['real_ratio']:.3f}; "
-        f"C ucall / floor {result['c_over_floor']:.2f} ({floor:.2f} µs)"
+        f"C ucall / floor {result['c_over_floor']:.2f} ({floor:.2f} µs); "
+        f"Python floor / C floor {result['python_floor_ratio']:.2f}"
     )
     if result["host_busy"]:
         lines.append("note: wall time exceeds CPU time by >15%: the host is busy, trust the cpu figures")
