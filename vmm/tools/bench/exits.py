@@ -43,13 +43,19 @@ C_ROWS = {
     "c": ("bench_exits", []),
     "c_real": ("bench_exits_real", ["--real"]),
 }
-PY_ROWS = {"python": "bench_exits", "python_real": "bench_exits_real", "python_floor": "bench_floor"}
+PY_ROWS = {
+    "python": "bench_exits",
+    "python_stream": "bench_exits",
+    "python_real": "bench_exits_real",
+    "python_floor": "bench_floor",
+}
 LABELS = {
     "floor": "floor: bare OUT, C",
     "floor_real": "floor, real mode",
     "c": "ucall, C loop",
     "c_real": "ucall, C, real mode",
     "python": "ucall, vmm",
+    "python_stream": "ucall, vmm on_sync",
     "python_real": "ucall, vmm, real",
     "python_floor": "floor: bare OUT, Python",
 }
@@ -122,6 +128,34 @@ def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     }
 
 
+def run_python_stream(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
+    """One run through Runner.run_until_done(on_sync=check): the loop `vmm boot` and run_all use,
+    which hands each SYNC to a callback and stays in the loop (the same checks as exit_loop.c)."""
+    seen = [0]
+
+    def check(uc: Ucall) -> None:
+        if uc.args[0] != 1 or uc.args[1] != seen[0]:
+            raise VmmError(f"python run: SYNC {seen[0]} came as {uc}")
+        seen[0] += 1
+
+    with Machine(kvm=kvm) as m:
+        m.load(image, arg=syncs)
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        last = m.runners[0].run_until_done(on_sync=check)
+        cpu_seconds = time.thread_time() - cpu_start
+        seconds = time.perf_counter() - start
+    if not (isinstance(last, Ucall) and last.cmd == UcallCmd.DONE) or seen[0] != syncs:
+        raise VmmError(f"python run: stopped at {last} after {seen[0]} of {syncs} SYNCs")
+    exits = syncs + 1
+    return {
+        "exits": exits,
+        "seconds": seconds,
+        "us_per_exit": seconds * 1e6 / exits,
+        "cpu_seconds": cpu_seconds,
+        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
+    }
+
+
 def run_python_floor(kvm: Kvm, image: GuestImage, outs: int) -> dict:
     """The floor of any Python VMM: fcntl.ioctl(KVM_RUN) in a bare loop on the bare-OUT guest, no
     exit decoded. What it costs above the C floor is the interpreter's, not vmm's."""
@@ -166,6 +200,8 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
                 return run_c(binary, str(paths[guest]), exits, flags)
             if row == "python_floor":
                 return run_python_floor(kvm, images[PY_ROWS[row]], exits)
+            if row == "python_stream":
+                return run_python_stream(kvm, images[PY_ROWS[row]], exits)
             return run_python(kvm, images[PY_ROWS[row]], exits)
 
         runs = interleaved(repeats, (*C_ROWS, *PY_ROWS), run)
@@ -190,6 +226,7 @@ def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -
         "real_ratio": wall["python_real"] / wall["c_real"],
         # the interpreter's share: a bare fcntl.ioctl loop over the C floor
         "python_floor_ratio": wall["python_floor"] / wall["floor"],
+        "stream_ratio": wall["python_stream"] / c,
         # the same on the running thread's CPU time (guest time included): steadier on a busy host
         "python_cpu_us_per_exit": py_cpu,
         "c_cpu_us_per_exit": c_cpu,
@@ -223,7 +260,8 @@ def format_table(result: dict) -> str:
     verdict = "within target" if result["within_target"] else "ABOVE target"
     lines.append(
         f"ratio vmm/C: {result['ratio']:.3f} wall, {result['cpu_ratio']:.3f} cpu "
-        f"(target <= {result['target_ratio']:.2f} wall: {verdict}); real mode {result['real_ratio']:.3f}; "
+        f"(target <= {result['target_ratio']:.2f} wall: {verdict}); with on_sync {result['stream_ratio']:.3f}; "
+        f"real mode {result['real_ratio']:.3f}; "
         f"C ucall / floor {result['c_over_floor']:.2f} ({floor:.2f} µs); "
         f"Python floor / C floor {result['python_floor_ratio']:.2f}"
     )
