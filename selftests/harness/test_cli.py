@@ -73,6 +73,8 @@ def test_boot_default_guest(kvm: Kvm) -> None:
     out = proc.stdout
     assert "guest: hello from a long-mode guest" in out and "passed (GUEST_DONE)" in out
     assert "exits: IO" in out and "memory" in out
+    if kvm.check_extension(Cap.BINARY_STATS_FD) > 0:  # the VM's binary stats: how KVM mapped the guest
+        assert re.search(r"kvm stats pages_4k \d+, pages_2m \d+", out), out
 
 
 @pytest.mark.parametrize("backing", ["shared", "guest_memfd", "guest_memfd-only"])
