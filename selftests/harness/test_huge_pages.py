@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import expect_sync
 
 from vmm import Kvm, Machine, VmType
 from vmm.guest.layout import DATA_GPA
@@ -31,6 +30,8 @@ from vmm.kvm.stats import Stats
 from vmm.memory.convert import ConversionPolicy, Granularity
 from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, HugePages
 from vmm.tools.pytest_plugin import require
+
+from helpers import expect_sync
 
 pytestmark = pytest.mark.private_mem
 
