@@ -16,9 +16,11 @@ from vmm.errors import ConversionError
 from vmm.guest.layout import DATA_GPA
 from vmm.guest.toucher import Toucher
 from vmm.kvm.stats import Stats
+from vmm.kvm.uapi import KVM_X86_QUIRK_SLOT_ZAP_ALL, Cap
 from vmm.memory.convert import ConversionPolicy, Granularity
 from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Region
 from vmm.memory.slotsplit import SplitSlot
+from vmm.tools.pytest_plugin import require
 
 from helpers import expect_sync
 
@@ -108,6 +110,30 @@ def test_memslot_way_zaps_the_whole_slot(private_kvm: Kvm) -> None:
             after = stats.read()
             dropped[way] = before["pages_4k"] - after["pages_4k"]
     assert dropped == {"attributes": 1, "memslots": PAGES}, dropped
+
+
+@pytest.mark.parametrize("zap_all", [True, False], ids=["quirk", "quirk_disabled"])
+def test_default_vm_slot_deletion_zaps_everything(kvm: Kvm, zap_all: bool) -> None:
+    """On a default VM, deleting any memslot, even one the guest never touched, zaps every mapping
+    of the VM (KVM_X86_QUIRK_SLOT_ZAP_ALL, on by default: kvm_arch_flush_shadow_memslot's fast
+    zap), so every vCPU faults its whole working set back in after each memslot-way conversion;
+    with the quirk disabled only the deleted slot's mappings go (a SW_PROTECTED VM never zaps all)."""
+    require(kvm.check_extension(Cap.DISABLE_QUIRKS2) & KVM_X86_QUIRK_SLOT_ZAP_ALL, "KVM_X86_QUIRK_SLOT_ZAP_ALL")
+    with Machine(kvm=kvm) as m, m.vm.stats() as stats:
+        if not zap_all:
+            m.vm.enable_cap(Cap.DISABLE_QUIRKS2, KVM_X86_QUIRK_SLOT_ZAP_ALL)
+        m.add_memory(DATA_GPA, SIZE)
+        other = m.add_memory(DATA_GPA + 2 * SIZE, PAGE_SIZE)  # never mapped by the guest
+        toucher = Toucher(m, DATA_GPA, SIZE, PAGE_SIZE)
+        try:
+            guest_sum(m)
+            mapped = stats.read()["pages_4k"]
+            require(mapped >= PAGES, "a KVM MMU that counts its mappings in pages_4k (the TDP MMU)")
+            m.memory.delete(other.slot)
+            left = stats.read()["pages_4k"]
+        finally:
+            toucher.release()
+    assert left == (0 if zap_all else mapped), (mapped, left)
 
 
 @pytest.mark.host_only

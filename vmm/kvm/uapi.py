@@ -412,6 +412,9 @@ class StatsBase(IntEnum):
 
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+# KVM_CAP_DISABLE_QUIRKS2 bit (6.12+): on a default VM, deleting or moving any memslot zaps every
+# mapping of the VM, not only the slot's (api.rst "KVM_X86_QUIRK_SLOT_ZAP_ALL")
+KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 KVM_EXIT_IO_IN = 0
