@@ -31,7 +31,7 @@ from vmm.guest.layout import DATA_GPA
 from vmm.guest.machine import Machine
 from vmm.guest.toucher import Toucher
 from vmm.kvm import syscalls
-from vmm.kvm.caps import private_memory
+from vmm.kvm.caps import PRIVATE_MEM_REASON, private_memory
 from vmm.kvm.stats import Stats
 from vmm.kvm.system import Kvm
 from vmm.kvm.uapi import Cap, VmType
@@ -260,10 +260,11 @@ def run_memslot_bench(
         if not private_memory(kvm):
             dropped = [w for w in ways if w != "memslot-ops"]
             ways = tuple(w for w in ways if w == "memslot-ops")
+            why = f"{', '.join(dropped)} need{'s' if len(dropped) == 1 else ''} {PRIVATE_MEM_REASON} (run it nested)"
+            if not ways:
+                raise VmmError(f"nothing to measure: {why}")
             if dropped:
-                progress(f"no KVM_X86_SW_PROTECTED_VM here: {', '.join(dropped)} left out (run it nested)")
-        if not ways:
-            raise VmmError("nothing to measure: every way left out")
+                progress(f"left out: {why}")
         result: dict = {
             "host": host_info(),
             "size": size,
