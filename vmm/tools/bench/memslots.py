@@ -91,6 +91,7 @@ class Rig:
     lanes: list[Region]
     toucher: Toucher
     stats: Stats
+    vcpu_stats: list[Stats] = field(default_factory=list)
     convert: list[Callable[[int, int, bool], None]] = field(default_factory=list)
     extra_map: mmap.mmap | None = None
     extras: int = 0
@@ -112,6 +113,8 @@ class Rig:
         self.toucher.pause()
         self.toucher.release()
         self.stats.close()
+        for s in self.vcpu_stats:
+            s.close()
         self.machine.close()
         if self.extra_map is not None:
             self.extra_map.close()
@@ -127,7 +130,7 @@ def make_rig(kvm: Kvm, way: str, size: int, vcpus: int, max_slots: int, touch_st
         else:
             lanes = [m.add_memory(DATA_GPA + i * (size // LANES), size // LANES) for i in range(LANES)]
         toucher = Toucher(m, DATA_GPA, size, touch_stride, store=True, loop=True)
-        rig = Rig(way, m, lanes, toucher, m.vm.stats())
+        rig = Rig(way, m, lanes, toucher, m.vm.stats(), [v.stats() for v in m.vcpus])
         rig.extra_map = mmap.mmap(-1, max(max_slots, 1) * PAGE_SIZE)
         for i, lane in enumerate(lanes):
             if way == "attributes":
@@ -169,7 +172,7 @@ def measure(rig: Rig, unit: int, cfg: Config, rounds: int) -> dict:
         c0, q0 = t.total(), time.perf_counter()
         time.sleep(QUIET)
         quiet_rate = (t.total() - c0) / (time.perf_counter() - q0)
-        before = rig.stats.read()
+        before, faults_before = rig.stats.read(), _vcpu_faults(rig)
         times: list[list[float]] = [[] for _ in range(cfg.threads)]
         errors: list[BaseException] = []
         go = threading.Barrier(cfg.threads + 1)
@@ -203,6 +206,7 @@ def measure(rig: Rig, unit: int, cfg: Config, rounds: int) -> dict:
     if errors:
         raise errors[0]
     delta = rig.stats.read() - before
+    faults = _vcpu_faults(rig) - faults_before
     per = [x for lane in times for x in lane]
     return {
         "unit": unit,
@@ -219,7 +223,13 @@ def measure(rig: Rig, unit: int, cfg: Config, rounds: int) -> dict:
         "mmio_exits": t.mmio_exits - mmio0,
         "memory_faults": t.memory_faults - faults0,
         "stats_delta": delta,
+        "vcpu_page_faults": faults,
     }
+
+
+def _vcpu_faults(rig: Rig) -> int:
+    """Page faults KVM fixed for the vCPUs so far (pf_fixed): what zapped mappings cost them."""
+    return sum(s.read()["pf_fixed"] for s in rig.vcpu_stats)
 
 
 def slot_limit(kvm: Kvm, size: int) -> dict:
@@ -302,6 +312,8 @@ def run_memslot_bench(
                             "mmio_exits": sum(r["mmio_exits"] for r in mine),
                             "remote_tlb_flush": sum(r["stats_delta"].get("remote_tlb_flush", 0) for r in mine)
                             / sum(r["conversions"] for r in mine),
+                            "vcpu_faults": sum(r["vcpu_page_faults"] for r in mine)
+                            / sum(r["conversions"] for r in mine),
                             "runs": mine,
                         }
                     result["points"].append(point)
@@ -339,7 +351,7 @@ def format_table(result: dict) -> str:
         f"memslots vs attributes: {human_size(result['size'])} in {LANES} slots, {result['rounds']} round trips "
         f"per thread, median of {result['repeats']}; host {host['kernel']}, {host['cpus']} CPUs",
         f"{'way':12}{'unit':>5}{'vcpus':>6}{'slots':>6}{'thr':>4}{'µs/conv':>10}{'conv/s':>9}"
-        f"{'stall':>7}{'mmio':>6}{'tlbfl/conv':>11}",
+        f"{'stall':>7}{'mmio':>6}{'tlbfl/conv':>11}{'faults/conv':>12}",
     ]
     for p in result["points"]:
         for w in result["ways"]:
@@ -348,6 +360,7 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"{w:12}{p['unit']:>5}{p['vcpus']:>6}{p['slots']:>6}{p['threads']:>4}{x['us_per_conversion']:10.0f}"
                 f"{x['conversions_per_s']:9.0f}{stall:>7}{x['mmio_exits']:6}{x['remote_tlb_flush']:11.2f}"
+                f"{x.get('vcpu_faults', 0):12.1f}"
             )
     for h in result.get("headline", []):
         lines.append(
