@@ -13,6 +13,7 @@ from . import common as bench_common
 from . import conversions as bench_conversions
 from . import exits as bench_exits
 from . import memslots as bench_memslots
+from . import memslots_report
 
 
 @click.group()
@@ -143,7 +144,7 @@ def bench_memslots_cmd(
 ) -> None:
     """Conversions by memory attributes (vmm's way) against memslot updates, with vCPUs running."""
     if plot_path:
-        bench_memslots.require_matplotlib()
+        memslots_report.require_matplotlib()
     stride = parse_size(touch_stride)
     if stride <= 0 or stride % 4096:
         raise click.BadParameter(f"{touch_stride} is not a positive multiple of 4K", param_hint="--touch-stride")
@@ -157,9 +158,9 @@ def bench_memslots_cmd(
         touch_stride=stride,
         checkpoint=(lambda r: bench_common.write_json(json_path, r)) if json_path else None,
     )
-    click.echo(bench_memslots.format_table(result))
+    click.echo(memslots_report.format_table(result))
     if json_path:
         click.echo(f"wrote {json_path}")
     if plot_path:
-        bench_memslots.plot(result, plot_path)
+        memslots_report.plot(result, plot_path)
         click.echo(f"wrote {plot_path}")
