@@ -73,6 +73,8 @@ def test_boot_default_guest(kvm: Kvm) -> None:
     out = proc.stdout
     assert "guest: hello from a long-mode guest" in out and "passed (GUEST_DONE)" in out
     assert "exits: IO" in out and "memory" in out
+    if kvm.check_extension(Cap.BINARY_STATS_FD) > 0:  # the VM's binary stats: how KVM mapped the guest
+        assert re.search(r"kvm stats pages_4k \d+, pages_2m \d+", out), out
 
 
 @pytest.mark.parametrize("backing", ["shared", "guest_memfd", "guest_memfd-only"])
@@ -172,6 +174,10 @@ USAGE_ERRORS = [
     ("doctor", "extra"),
     ("bench", "exits", "--exits", "0"),
     ("bench", "exits", "--repeats", "x"),
+    ("bench", "memslots", "--touch-stride", "3"),
+    ("bench", "memslots", "--way", "nope"),
+    ("bench", "memslots", "--rounds", "0"),
+    ("bench", "memslots", "--vcpus", "0"),
 ]
 
 
@@ -179,7 +185,7 @@ USAGE_ERRORS = [
 def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
     """A bad option value, an unknown option, a missing value or an extra argument: one line
     "vmm: <command>: <message> (try `vmm <command> -h`)", exit 2, no usage block, no traceback."""
-    command = " ".join(a for a in args[:2] if a in ("boot", "doctor", "bench", "exits"))
+    command = " ".join(a for a in args[:2] if a in ("boot", "doctor", "bench", "exits", "memslots"))
     line = one_line_error(vmm(*args))
     assert re.fullmatch(rf"vmm: {command}: .+ \(try `vmm {command} -h`\)", line), line
     assert "Usage:" not in line

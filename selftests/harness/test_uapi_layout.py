@@ -32,6 +32,9 @@ MACRO_NAME = {
     uapi.GmemFlag: ("GUEST_MEMFD_FLAG_", ""),
     uapi.SystemEvent: ("KVM_SYSTEM_EVENT_", ""),
     uapi.InternalError: ("KVM_INTERNAL_ERROR_", ""),
+    uapi.StatsType: ("KVM_STATS_TYPE_", ""),
+    uapi.StatsUnit: ("KVM_STATS_UNIT_", ""),
+    uapi.StatsBase: ("KVM_STATS_BASE_", ""),
 }
 
 # Newer than the 6.12 headers the check normally runs against: compared under #ifdef, so they
@@ -43,7 +46,10 @@ NEWER_THAN_HEADERS = {
 }
 
 # Header-only structs whose C version ends in a flexible array: name and element type.
-FLEXIBLE_ARRAYS = {uapi.kvm_cpuid2: ("entries", uapi.kvm_cpuid_entry2)}
+FLEXIBLE_ARRAYS: dict[type, tuple[str, type]] = {
+    uapi.kvm_cpuid2: ("entries", uapi.kvm_cpuid_entry2),
+    uapi.kvm_stats_desc: ("name", ctypes.c_char),
+}
 
 CType = type[ctypes.Structure] | type[ctypes.Union]
 Check = tuple[str, str, int]  # (what, C expression, value in Python)

@@ -3,6 +3,7 @@ kvm-ioctls splits ``ioctls/{system,vm,vcpu}.rs``). Nothing here knows about gues
 
 from .exits import Exit, ExitHandlers
 from .gmem import GuestMemfd
+from .stats import Stats
 from .system import Kvm
 from .uapi import Cap, ExitReason, GmemFlag, MemFlag, VmType
 from .vcpu import Vcpu
@@ -17,6 +18,7 @@ __all__ = [
     "GuestMemfd",
     "Kvm",
     "MemFlag",
+    "Stats",
     "Vcpu",
     "Vm",
     "VmType",

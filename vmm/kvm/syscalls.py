@@ -140,3 +140,18 @@ def meminfo(field: str) -> int:
             if name == field:
                 return int(rest.split()[0]) * 1024
     raise KeyError(field)
+
+
+def smaps_field(addr: int, field: str) -> int:
+    """A /proc/self/smaps field in bytes for the mapping holding ``addr`` (e.g. 'ShmemPmdMapped':
+    how much of a memfd mapping the host maps with 2M PMDs, which is what KVM's huge mappings follow)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, _, end = head.partition("-")
+                inside = int(start, 16) <= addr < int(end, 16)
+            elif inside and head == field + ":":
+                return int(line.split()[1]) * 1024
+    raise KeyError(f"{field} of the mapping at {addr:#x}")

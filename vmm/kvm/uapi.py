@@ -93,6 +93,31 @@ class kvm_pre_fault_memory(ctypes.Structure):
     _fields_ = [("gpa", c_uint64), ("size", c_uint64), ("flags", c_uint64), ("padding", c_uint64 * 5)]
 
 
+class kvm_stats_header(ctypes.Structure):
+    """What a stats fd holds at offset 0 (KVM_GET_STATS_FD, api.rst 4.133)."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("name_size", c_uint32),
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """One stat's descriptor; ``char name[]`` (header.name_size bytes) follows it in the fd."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("exponent", ctypes.c_int16),
+        ("size", c_uint16),
+        ("offset", c_uint32),
+        ("bucket_size", c_uint32),
+    ]
+
+
 class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
 
@@ -265,6 +290,7 @@ KVM_GET_SREGS = _ior(0x83, kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
 KVM_PRE_FAULT_MEMORY = _iowr(0xD5, kvm_pre_fault_memory)
+KVM_GET_STATS_FD = _io(0xCE)  # on a VM or vCPU fd
 
 KVM_API_VERSION = 12
 
@@ -285,6 +311,7 @@ class Cap(IntEnum):
     READONLY_MEM = 81
     IMMEDIATE_EXIT = 136
     EXIT_HYPERCALL = 201
+    BINARY_STATS_FD = 203
     DISABLE_QUIRKS2 = 213
     USER_MEMORY2 = 231
     MEMORY_FAULT_INFO = 232
@@ -347,7 +374,47 @@ class GmemFlag(IntFlag):
     INIT_SHARED = 1 << 1
 
 
+# kvm_stats_desc.flags: type, unit and base fields, each 4 bits
+KVM_STATS_TYPE_SHIFT, KVM_STATS_UNIT_SHIFT, KVM_STATS_BASE_SHIFT = 0, 4, 8
+KVM_STATS_TYPE_MASK = 0xF << KVM_STATS_TYPE_SHIFT
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_BASE_MASK = 0xF << KVM_STATS_BASE_SHIFT
+
+
+class StatsType(IntEnum):
+    """KVM_STATS_TYPE_*: how a stat evolves (flags & KVM_STATS_TYPE_MASK)."""
+
+    CUMULATIVE = 0 << KVM_STATS_TYPE_SHIFT
+    INSTANT = 1 << KVM_STATS_TYPE_SHIFT
+    PEAK = 2 << KVM_STATS_TYPE_SHIFT
+    LINEAR_HIST = 3 << KVM_STATS_TYPE_SHIFT
+    LOG_HIST = 4 << KVM_STATS_TYPE_SHIFT
+    MAX = LOG_HIST
+
+
+class StatsUnit(IntEnum):
+    """KVM_STATS_UNIT_*: what a stat counts (flags & KVM_STATS_UNIT_MASK)."""
+
+    NONE = 0 << KVM_STATS_UNIT_SHIFT
+    BYTES = 1 << KVM_STATS_UNIT_SHIFT
+    SECONDS = 2 << KVM_STATS_UNIT_SHIFT
+    CYCLES = 3 << KVM_STATS_UNIT_SHIFT
+    BOOLEAN = 4 << KVM_STATS_UNIT_SHIFT
+    MAX = BOOLEAN
+
+
+class StatsBase(IntEnum):
+    """KVM_STATS_BASE_*: the base of a stat's exponent (flags & KVM_STATS_BASE_MASK)."""
+
+    POW10 = 0 << KVM_STATS_BASE_SHIFT
+    POW2 = 1 << KVM_STATS_BASE_SHIFT
+    MAX = POW2
+
+
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+# KVM_CAP_DISABLE_QUIRKS2 bit (6.12+): on a default VM, deleting or moving any memslot zaps every
+# mapping of the VM, not only the slot's (api.rst "KVM_X86_QUIRK_SLOT_ZAP_ALL")
+KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 KVM_EXIT_IO_IN = 0

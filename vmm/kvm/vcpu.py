@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import uapi
 from .exits import Exit, decode
 from .fd import KvmFd
+from .stats import Stats
 from .uapi import ExitReason
 
 if TYPE_CHECKING:
@@ -157,6 +158,11 @@ class Vcpu(KvmFd):
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size)
         while req.size:  # success after mapping part of the range is 0 too: go on until size is 0
             self.retrying(uapi.KVM_PRE_FAULT_MEMORY, req, (errno.EINTR, errno.EAGAIN))
+
+    def stats(self) -> Stats:
+        """KVM_GET_STATS_FD: this vCPU's binary stats (exits, halt polls, pf_taken...); a new fd
+        each call, closed with the returned object."""
+        return Stats(self.ioctl(uapi.KVM_GET_STATS_FD), f"vCPU {self.id}")
 
     def dead_vm_note(self) -> str:
         """An EIO on a vCPU fd is explained by its VM (KVM checks the VM's state for both)."""

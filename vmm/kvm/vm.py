@@ -12,6 +12,7 @@ from vmm.errors import KvmError
 from . import uapi
 from .fd import KvmFd, describe, ioctl_name
 from .gmem import GuestMemfd
+from .stats import Stats
 from .uapi import Cap
 from .vcpu import Vcpu
 
@@ -116,6 +117,11 @@ class Vm(KvmFd):
                 return f"the VM belongs to process {self.pid}: KVM refuses its ioctls from any other process"
             return "KVM killed the VM; check dmesg"
         return ""
+
+    def stats(self) -> Stats:
+        """KVM_GET_STATS_FD: this VM's binary stats (remote_tlb_flush, mmu zaps, pages_4k/2m/1g...);
+        a new fd each call, closed with the returned object."""
+        return Stats(self.ioctl(uapi.KVM_GET_STATS_FD), "VM")
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU, with its kvm_run page mapped."""

@@ -21,6 +21,8 @@ from .units import human_size, parse_size
 from .usage import EXIT_ASSERT, EXIT_PASSED, EXIT_TIMEOUT, EXIT_UNEXPECTED, fail
 
 SYNCS_SHOWN = 16  # SYNC lines in `vmm boot`'s report (a guest may SYNC thousands of times)
+# the VM's binary stats in the report: how KVM mapped the guest and what it zapped and flushed
+STATS_SHOWN = ("pages_4k", "pages_2m", "pages_1g", "remote_tlb_flush", "mmu_shadow_zapped", "nx_lpage_splits")
 
 
 def _host_memory() -> int:
@@ -196,6 +198,10 @@ def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Uca
         f"    memory    slot 0: shared backing {human_size(region.shared_allocated())} allocated, "
         f"guest_memfd {human_size(region.private_allocated())} resident"
     )
+    if m.kvm.check_extension(Cap.BINARY_STATS_FD) > 0:
+        with m.vm.stats() as stats:
+            snap = stats.read()
+            click.echo("    kvm stats " + ", ".join(f"{n} {snap[n]}" for n in STATS_SHOWN if n in stats))
     if m.converter is not None:
         st = m.converter.stats
         click.echo(

@@ -76,11 +76,17 @@ GROUPS = (
     ),
     Group("guest_memfd mmap / guest_memfd-only slots", "kvm/test_guest_memfd.py", _flag(GmemFlag.MMAP)),
     Group("memslots", "kvm/test_set_memory_region.py", _always),
+    Group(
+        "binary stats",
+        "kvm/test_kvm_binary_stats.py",
+        lambda k: (k.check_extension(Cap.BINARY_STATS_FD) > 0, "KVM_CAP_BINARY_STATS_FD"),
+    ),
     Group("CPU modes, ucall, exits", "harness/test_cpu_modes.py test_ucall.py test_exits.py", _always),
     Group("hypercall exits", "harness/test_exits.py", hypercall_exits),
     Group(
         "private memory",
-        "kvm/x86/test_private_mem_*.py harness/test_conversion_*.py",
+        "kvm/x86/test_private_mem_*.py harness/test_conversion_*.py harness/test_huge_pages.py "
+        "harness/test_memslots_vs_attributes.py",
         lambda k: (private_memory(k), PRIVATE_MEM_REASON),
     ),
 )

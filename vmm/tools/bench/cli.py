@@ -12,6 +12,8 @@ from vmm.tools.units import parse_size
 from . import common as bench_common
 from . import conversions as bench_conversions
 from . import exits as bench_exits
+from . import memslots as bench_memslots
+from . import memslots_report
 
 
 @click.group()
@@ -105,3 +107,60 @@ def bench_conversions_cmd(
     if json_path:
         click.echo(f"wrote {json_path}")
     sys.exit(1 if check and not bench_conversions.within_targets(result) else 0)
+
+
+@bench.command("memslots")
+@click.option("--size", default="1G", show_default=True, help="Guest data memory (4 memslots, one per thread).")
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=bench_memslots.DEFAULT_ROUNDS,
+    show_default=True,
+    help="Round trips (to private and back) per thread and point.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=bench_memslots.DEFAULT_REPEATS,
+    show_default=True,
+    help="Interleaved runs of each way per point (medians).",
+)
+@click.option("--vcpus", type=click.IntRange(1, 64), default=None, help="N, the most vCPUs touching [max(2, CPUs)].")
+@click.option("--full", is_flag=True, help="Every combination of vCPUs, slots and threads (slow under TCG).")
+@click.option("--way", "ways", multiple=True, type=click.Choice(bench_memslots.WAYS), help="Only these ways.")
+@click.option("--touch-stride", default="64K", show_default=True, help="Bytes between the vCPUs' touches.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE", help="Draw µs/conversion and stall (SVG).")
+def bench_memslots_cmd(
+    size: str,
+    rounds: int,
+    repeats: int,
+    vcpus: int | None,
+    full: bool,
+    ways: tuple[str, ...],
+    touch_stride: str,
+    json_path: str | None,
+    plot_path: str | None,
+) -> None:
+    """Conversions by memory attributes (vmm's way) against memslot updates, with vCPUs running."""
+    if plot_path:
+        memslots_report.require_matplotlib()
+    stride = parse_size(touch_stride)
+    if stride <= 0 or stride % 4096:
+        raise click.BadParameter(f"{touch_stride} is not a positive multiple of 4K", param_hint="--touch-stride")
+    result = bench_memslots.run_memslot_bench(
+        size=parse_size(size),
+        rounds=rounds,
+        repeats=repeats,
+        vcpus=vcpus,
+        full=full,
+        ways=ways or bench_memslots.WAYS,
+        touch_stride=stride,
+        checkpoint=(lambda r: bench_common.write_json(json_path, r)) if json_path else None,
+    )
+    click.echo(memslots_report.format_table(result))
+    if json_path:
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        memslots_report.plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")
