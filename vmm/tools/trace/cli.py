@@ -58,8 +58,8 @@ def trace(
         fail("trace: give a command after -- or -p PID, not both (try `vmm trace -h`)")
     with ExitStack() as stack:
         try:
-            text = None if quiet else stack.enter_context(open(out_path, "w")) if out_path else sys.stderr
-            json_file = stack.enter_context(open(json_path, "w")) if json_path else None
+            text = None if quiet else stack.enter_context(open(out_path, "w", buffering=1)) if out_path else sys.stderr
+            json_file = stack.enter_context(open(json_path, "w", buffering=1)) if json_path else None
         except OSError as e:
             fail(f"trace: {e.filename}: {e.strerror}")
         out = Output(text, json_file, only, vm_index)

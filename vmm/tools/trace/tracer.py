@@ -84,7 +84,6 @@ class Tracer:
         self._info = ptrace_syscall_info()
         self._info_addr = ctypes.addressof(self._info)
         self._detach_requested = False
-        self._in_wait = False
 
     # --- starting ---------------------------------------------------------------------------
 
@@ -152,27 +151,26 @@ class Tracer:
     # --- the loop ---------------------------------------------------------------------------
 
     def request_detach(self, signum: int, frame: object) -> None:
-        """Signal handler (-p): stop tracing; when blocked in waitpid, leave it now."""
+        """Signal handler (-p): stop tracing. It must not raise out of a waitpid (a stop that call
+        already returned would be lost, its task left stopped), so it interrupts the tasks: a stop
+        ends the wait, and the loop sees the flag."""
         self._detach_requested = True
-        if self._in_wait:
-            raise _Detach
+        for tid in list(self.tasks):
+            try:
+                pt.ptrace(PTRACE_INTERRUPT, tid)
+            except PtraceError:
+                pass
 
     def run(self) -> int:
         """Trace until every task is gone (or, attached, until asked to detach); the exit status."""
         try:
             while self.tasks and not self._detach_requested:
                 try:
-                    self._in_wait = True
                     tid, status = os.waitpid(-1, WALL)
                 except ChildProcessError:
                     break
-                finally:
-                    self._in_wait = False
                 self._handle(tid, status)
-        except _Detach:
-            pass
         finally:
-            self._in_wait = False
             if self.tasks:
                 self.detach_all()
         return self.status
@@ -311,10 +309,6 @@ class Tracer:
         except PtraceError:
             pass
         self.tasks.pop(task.tid, None)
-
-
-class _Detach(Exception):
-    """Raised by the signal handler to leave a blocking waitpid."""
 
 
 def _status_fields(pid: int) -> dict[str, str]:
