@@ -20,7 +20,8 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [ctypes.c_int, *[ctypes.c_void_p, ctypes.c_ulong] * 2, ctypes.c_ulong]
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong]
+_libc.process_vm_readv.argtypes += [ctypes.c_ulong]  # pid, local iov and count, remote iov and count, flags
 
 HOST_PAGE_SIZE = mmap.PAGESIZE  # the host's page (mincore's unit); the guest's 4K is vmm.memory's PAGE_SIZE
 _MAP_FAILED = ctypes.c_void_p(-1).value

@@ -10,7 +10,7 @@ import click
 
 from vmm.tools.usage import fail
 
-from .output import CATEGORIES, Output, render_summary
+from .output import CATEGORIES, Output, render_summary, summarize
 from .session import Session
 from .tracer import TraceError, Tracer
 
@@ -77,7 +77,7 @@ def trace(
         except TraceError as e:
             fail(f"trace: {e}")
         status = tracer.run()
-        summary = session.summary(session.now())
+        summary = summarize(session, session.now())
         out.summary(summary)
         out.flush()
         if show_summary:  # where the event lines go (stderr when they are off)

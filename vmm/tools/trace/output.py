@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .decode import size
+from vmm.kvm.uapi import MemFlag
+
+from .decode import flag_names, size, vm_type_name
+
+if TYPE_CHECKING:
+    from .session import Session
 
 CATEGORIES = ("kvm", "memory", "exits")
 WARNINGS_SHOWN = 10  # per kind; the summary counts them all
@@ -139,3 +144,52 @@ def render_summary(s: dict[str, Any]) -> str:
     if not s["vms"]:
         lines.append("no VM was created")
     return "\n".join(lines)
+
+
+def summarize(s: Session, seconds: float) -> dict[str, Any]:
+    """Everything the summary shows, as JSON-able data."""
+    for vm in s.vms:
+        vm.finish()
+    vms = []
+    for vm in s.vms:
+        owner = next((p.pid for p in s.procs if vm in p.vms), 0)
+        st = vm.stats
+        vms.append(
+            {
+                "index": vm.index,
+                "type": vm_type_name(vm.vm_type) if vm.vm_type >= 0 else "unknown (created before the trace)",
+                "pid": owner,
+                "memslots": [
+                    {
+                        "slot": s.slot,
+                        "flags": flag_names(MemFlag, s.flags),
+                        "gpa": s.gpa,
+                        "size": s.size,
+                        "hva": s.hva,
+                        "guest_memfd": s.gmem.name if s.gmem else None,
+                        "guest_memfd_offset": s.gmem_offset,
+                    }
+                    for s in sorted(vm.slots.values(), key=lambda s: s.gpa)
+                ],
+                "vcpus": [
+                    {
+                        "index": v.index,
+                        "exits": dict(v.exits),
+                        "time_in_run": v.time_in_run,
+                        "time_in_vmm": v.time_in_vmm,
+                    }
+                    for v in vm.vcpus
+                ],
+                "stats": {
+                    **{k: getattr(st, k) for k in st.__dataclass_fields__ if k != "warnings"},
+                    "warnings": dict(st.warnings),
+                },
+            }
+        )
+    return {
+        "seconds": seconds,
+        "events": s.out.events,
+        "syscalls": s.syscalls,
+        "processes": [{"pid": p.pid, "command": p.command, "end": p.end} for p in s.procs],
+        "vms": vms,
+    }

@@ -4,18 +4,16 @@ tracer (tracer.py) hands over each syscall's entry and exit; this module decodes
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmm.kvm import syscalls, uapi
-from vmm.kvm.exits import Exit, MemoryFaultExit
-from vmm.kvm.uapi import GmemFlag, MemFlag
 
 from . import decode as d
-from .model import File, Slot, Vcpu, VmModel
+from . import ioctls
+from .model import File, Vcpu, VmModel
 from .output import Event, Output
 
 FdRef = tuple[str, Any]  # ("kvm", None) | ("vm", VmModel) | ("vcpu", Vcpu) | ("guest_memfd" | "memfd", File)
@@ -24,7 +22,6 @@ _OPEN = {d.NR["open"], d.NR["openat"], d.NR["openat2"]}
 _DUP = {d.NR["dup"], d.NR["dup2"], d.NR["dup3"]}
 _MEMORY = {d.NR[n] for n in ("mmap", "munmap", "madvise", "fallocate", "memfd_create", "close", "close_range", "fcntl")}
 INTERESTING = _OPEN | _DUP | _MEMORY | {d.NR_IOCTL}
-_RUN_ERRORS = (errno.EFAULT, 133)  # EFAULT, EHWPOISON (133; Python has no name): KVM_RUN -1 with MEMORY_FAULT
 _NR_MMAP, _NR_MUNMAP, _NR_MADVISE = d.NR["mmap"], d.NR["munmap"], d.NR["madvise"]
 _NR_FALLOCATE, _NR_MEMFD, _NR_CLOSE = d.NR["fallocate"], d.NR["memfd_create"], d.NR["close"]
 _NR_CLOSE_RANGE, _NR_FCNTL = d.NR["close_range"], d.NR["fcntl"]
@@ -107,7 +104,7 @@ class Session:
 
     # --- fds --------------------------------------------------------------------------------
 
-    def _classify(self, proc: Proc, fd: int) -> FdRef | None:
+    def classify(self, proc: Proc, fd: int) -> FdRef | None:
         """An fd this trace did not see created (attached late, or passed in): ask /proc."""
         try:
             target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
@@ -117,10 +114,10 @@ class Session:
         if target == "/dev/kvm":
             ref = ("kvm", None)
         elif target.startswith("anon_inode:kvm-vm"):
-            ref = ("vm", self._new_vm(proc, -1))
+            ref = ("vm", self.new_vm(proc, -1))
         elif target.startswith("anon_inode:kvm-vcpu:"):
             index = int(target.rsplit(":", 1)[1])
-            vm = proc.vms[-1] if proc.vms else self._new_vm(proc, -1)
+            vm = proc.vms[-1] if proc.vms else self.new_vm(proc, -1)
             vcpu = Vcpu(vm, index, run_addr=_vcpu_mapping(proc.pid, index))
             vm.vcpus.append(vcpu)
             ref = ("vcpu", vcpu)
@@ -130,7 +127,8 @@ class Session:
             proc.fds[fd] = ref
         return ref
 
-    def _new_vm(self, proc: Proc, vm_type: int) -> VmModel:
+    def new_vm(self, proc: Proc, vm_type: int) -> VmModel:
+        """A VM created by (or first seen in) ``proc``."""
         vm = VmModel(len(self.vms), vm_type, self._warn)
         self.vms.append(vm)
         proc.vms.append(vm)
@@ -141,7 +139,7 @@ class Session:
     def entry(self, tid: int, proc: Proc, nr: int, args: tuple[int, ...]) -> None:
         """Syscall entry: only KVM_RUN needs it (the time it went in, the checks before it)."""
         if nr == d.NR_IOCTL and args[1] == _KVM_RUN:
-            ref = proc.fds.get(args[0]) or self._classify(proc, args[0])
+            ref = proc.fds.get(args[0]) or self.classify(proc, args[0])
             if ref and ref[0] == "vcpu":
                 v: Vcpu = ref[1]
                 t = self.now()
@@ -157,11 +155,11 @@ class Session:
         self._tid = tid
         if nr == d.NR_IOCTL:
             if d.is_kvm_ioctl(args[1]):
-                self._ioctl(tid, proc, args, ret)
+                ioctls.ioctl(self, tid, proc, args, ret)
         elif nr in _OPEN:
             if ret >= 0:
                 proc.fds.pop(ret, None)
-                self._classify(proc, ret)
+                self.classify(proc, ret)
         elif nr in _DUP or (nr == _NR_FCNTL and args[1] in (d.F_DUPFD, d.F_DUPFD_CLOEXEC)):
             if ret >= 0 and (ref := proc.fds.get(args[0])):
                 proc.fds[ret] = ref
@@ -304,187 +302,6 @@ class Session:
                 text += f" -> shared {_ranges(shared)} discarded"
             data.update(private=private, shared=shared)
         self.emit(tid, proc, "memory", (f"vm{vm.index} " if vm else "") + text, vm, **data)
-
-    # --- KVM ioctls -------------------------------------------------------------------------
-
-    def _ioctl(self, tid: int, proc: Proc, args: tuple[int, ...], ret: int) -> None:
-        fd, req, arg = args[0], args[1], args[2]
-        ref = proc.fds.get(fd) or self._classify(proc, fd)
-        if ref is None:
-            return
-        kind, obj = ref
-        if req == _KVM_RUN and kind == "vcpu":
-            self._run(tid, proc, obj, ret)
-            return
-        name = d.ioctl_name(req)
-        fields: dict[str, Any] = {}
-        cls = d.ARG_STRUCTS.get(req)
-        s = d.read_struct(proc.pid, arg, cls) if cls else None
-        if s is not None:
-            fields = d.struct_fields(s)
-        text = d.arg_text(req, fields) if fields else ""
-        vm: VmModel | None = obj if kind == "vm" else obj.vm if kind in ("vcpu", "guest_memfd") else None
-        also = None
-        if req == uapi.KVM_CHECK_EXTENSION:
-            text = f"{d.cap_name(arg)}"
-            fields = {"cap": d.cap_name(arg)}
-        elif req == uapi.KVM_CREATE_VM:
-            text, fields = d.vm_type_name(arg), {"type": d.vm_type_name(arg)}
-            if ret >= 0:
-                vm = self._new_vm(proc, arg)
-                proc.fds[ret] = ("vm", vm)
-        elif req == uapi.KVM_CREATE_VCPU and kind == "vm":
-            text, fields = f"id={arg}", {"id": arg}
-            if ret >= 0:
-                v = Vcpu(obj, arg)
-                obj.vcpus.append(v)
-                proc.fds[ret] = ("vcpu", v)
-        elif req == uapi.KVM_CREATE_GUEST_MEMFD and kind == "vm" and ret >= 0 and s is not None:
-            g = File("guest_memfd", f"vm{obj.index}/gmem{len(obj.gmems)}", fields["size"], fields["flags"], obj)
-            obj.gmems.append(g)
-            proc.fds[ret] = ("guest_memfd", g)
-            text += f" -> {g.name}"
-        elif (
-            req in (uapi.KVM_SET_USER_MEMORY_REGION, uapi.KVM_SET_USER_MEMORY_REGION2)
-            and kind == "vm"
-            and s is not None
-        ):
-            also = "memory"
-            if ret == 0:
-                self._memslot(tid, proc, obj, fields)
-        elif req == uapi.KVM_SET_MEMORY_ATTRIBUTES and kind == "vm" and s is not None:
-            also = "memory"
-            if ret == 0:
-                to_p, to_s = obj.set_attributes(fields["address"], fields["size"], fields["attributes"])
-                text += (
-                    f" (converted {d.size(to_p)} to private)"
-                    if to_p
-                    else f" (converted {d.size(to_s)} to shared)"
-                    if to_s
-                    else " (no change)"
-                )
-        elif req == uapi.KVM_PRE_FAULT_MEMORY:
-            also = "memory"
-        result = (
-            d.errname(-ret) if ret < 0 else ("" if kind == "kvm" and req != uapi.KVM_CHECK_EXTENSION else "") + str(ret)
-        )
-        where = f"vm{vm.index}" if vm else "kvm"
-        if kind == "vcpu":
-            where += f"/vcpu{obj.index}"
-        self.emit(
-            tid,
-            proc,
-            "kvm",
-            f"{where} {name}({text}) = {result}",
-            vm,
-            also,
-            call=name,
-            fd=fd,
-            fd_kind=kind,
-            args=fields,
-            ret=ret,
-        )
-
-    def _memslot(self, tid: int, proc: Proc, vm: VmModel, f: dict[str, Any]) -> None:
-        flags = f["flags"]
-        gmem: File | None = None
-        if flags & MemFlag.GUEST_MEMFD:
-            ref = proc.fds.get(f["guest_memfd"])
-            gmem = ref[1] if ref and ref[0] == "guest_memfd" else None
-        hva = f["userspace_addr"]
-        in_place = bool(gmem and gmem.flags & GmemFlag.MMAP and any(h <= hva < h + n for h, n, _ in gmem.maps))
-        running = [v.index for v in vm.vcpus if v.tid_in_run is not None and v.tid_in_run != tid]
-        slot = Slot(
-            f["slot"],
-            flags,
-            f["guest_phys_addr"],
-            f["memory_size"],
-            hva,
-            gmem,
-            f.get("guest_memfd_offset", 0),
-            in_place,
-        )
-        vm.set_memory_region(slot, running)
-
-    def _run(self, tid: int, proc: Proc, v: Vcpu, ret: int) -> None:
-        t = self.now()
-        if v.tid_in_run is not None:
-            v.time_in_run += t - v.entered
-        v.tid_in_run, v.left = None, t
-        where = f"vm{v.vm.index}/vcpu{v.index}"
-        e: Exit | None = None
-        if v.run_addr is not None and (ret == 0 or -ret in _RUN_ERRORS):
-            e = d.read_exit(proc.pid, v.run_addr)
-            if ret < 0 and not isinstance(e, MemoryFaultExit):
-                e = None
-        if e is None:
-            result = d.errname(-ret) if ret < 0 else str(ret)
-            v.exits["INTR" if ret == -errno.EINTR else "error" if ret < 0 else "unknown"] += 1
-            self.emit(tid, proc, "exits", f"{where} KVM_RUN = {result}", v.vm, call="KVM_RUN", vcpu=v.index, ret=ret)
-            return
-        v.vm.run_exit(v, e)
-        result = d.errname(-ret) if ret < 0 else "0"
-        self.emit(
-            tid,
-            proc,
-            "exits",
-            f"{where} KVM_RUN = {result}: {d.exit_text(e)}",
-            v.vm,
-            call="KVM_RUN",
-            vcpu=v.index,
-            ret=ret,
-            exit=d.exit_fields(e),
-        )
-
-    # --- the end ----------------------------------------------------------------------------
-
-    def summary(self, seconds: float) -> dict[str, Any]:
-        """Everything the summary shows, as JSON-able data."""
-        for vm in self.vms:
-            vm.finish()
-        vms = []
-        for vm in self.vms:
-            owner = next((p.pid for p in self.procs if vm in p.vms), 0)
-            st = vm.stats
-            vms.append(
-                {
-                    "index": vm.index,
-                    "type": d.vm_type_name(vm.vm_type) if vm.vm_type >= 0 else "unknown (created before the trace)",
-                    "pid": owner,
-                    "memslots": [
-                        {
-                            "slot": s.slot,
-                            "flags": d.flag_names(MemFlag, s.flags),
-                            "gpa": s.gpa,
-                            "size": s.size,
-                            "hva": s.hva,
-                            "guest_memfd": s.gmem.name if s.gmem else None,
-                            "guest_memfd_offset": s.gmem_offset,
-                        }
-                        for s in sorted(vm.slots.values(), key=lambda s: s.gpa)
-                    ],
-                    "vcpus": [
-                        {
-                            "index": v.index,
-                            "exits": dict(v.exits),
-                            "time_in_run": v.time_in_run,
-                            "time_in_vmm": v.time_in_vmm,
-                        }
-                        for v in vm.vcpus
-                    ],
-                    "stats": {
-                        **{k: getattr(st, k) for k in st.__dataclass_fields__ if k != "warnings"},
-                        "warnings": dict(st.warnings),
-                    },
-                }
-            )
-        return {
-            "seconds": seconds,
-            "events": self.out.events,
-            "syscalls": self.syscalls,
-            "processes": [{"pid": p.pid, "command": p.command, "end": p.end} for p in self.procs],
-            "vms": vms,
-        }
 
 
 def _fd_name(ref: FdRef) -> tuple[str, VmModel | None]:
