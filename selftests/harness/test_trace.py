@@ -137,7 +137,7 @@ def test_trace_vmm_conversions(private_kvm: Kvm, tmp_path: Path) -> None:
             for e in events[i:]
             if e["tid"] == h["tid"] and e.get("call") in ("KVM_SET_MEMORY_ATTRIBUTES", "fallocate", "KVM_RUN")
         ]
-        follow.append(tuple(e["call"] for e in after[:2]) + (after[1].get("kind"),))
+        follow.append(tuple(e["call"] for e in after[:2]) + (after[1].get("file_kind"),))
         gpa = h["exit"]["map_gpa_range"]["gpa"]
         assert after[0]["args"]["address"] == gpa and after[0]["args"]["size"] == 4096
         side = "shared" if h["exit"]["map_gpa_range"]["private"] else "private"
@@ -248,7 +248,7 @@ def test_trace_c_private_mem_conversions(private_kvm: Kvm, tmp_path: Path) -> No
     assert len(exits(events, "IO")) == 25
     assert vm["vcpus"][0]["exits"] == {"HYPERCALL": 52, "IO": 25}
     assert len(calls(events, "KVM_SET_MEMORY_ATTRIBUTES")) == 32
-    falloc = [e for e in calls(events, "fallocate") if e["kind"] == "guest_memfd"]
+    falloc = [e for e in calls(events, "fallocate") if e["file_kind"] == "guest_memfd"]
     punches = [e for e in falloc if e["mode"] & 2]
     assert (len(falloc), len(punches)) == (42, 36)
     # the first punch of the run: the whole per-vCPU range, [4G, +2M+4K), through the one binding

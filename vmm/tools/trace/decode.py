@@ -40,6 +40,7 @@ ARG_STRUCTS: dict[int, type[ctypes.Structure]] = {
 # how much of kvm_run an exit needs: everything before kvm_valid_regs (header and exit union)
 RUN_HEADER = uapi.kvm_run.kvm_valid_regs.offset
 _RUN_PAD = bytes(ctypes.sizeof(uapi.kvm_run) - RUN_HEADER)
+_RUN_READ = 4096 + 64  # kvm_run and the first bytes of the PIO page (the vCPU mapping is 3+ pages)
 
 # <asm-generic/mman-common.h>, <linux/falloc.h>, <fcntl.h>
 MADV_NAMES = {4: "MADV_DONTNEED", 9: "MADV_REMOVE", 8: "MADV_FREE"}
@@ -79,24 +80,24 @@ def read_struct(pid: int, addr: int, cls: type[ctypes.Structure]) -> ctypes.Stru
 
 
 def read_exit(pid: int, run_addr: int) -> exits.Exit | None:
-    """The exit a vCPU's kvm_run at ``run_addr`` (in ``pid``) describes, decoded by vmm.kvm.exits."""
+    """The exit a vCPU's kvm_run at ``run_addr`` (in ``pid``) describes, decoded by vmm.kvm.exits.
+    One read covers the struct and the start of the PIO page after it (KVM puts an IO exit's data
+    at data_offset 4096), so an IO exit costs one process_vm_readv like the others."""
     try:
-        head = syscalls.process_vm_readv(pid, run_addr, RUN_HEADER)
+        page = syscalls.process_vm_readv(pid, run_addr, _RUN_READ)
     except OSError:
         return None
-    if len(head) != RUN_HEADER:
+    if len(page) < RUN_HEADER:
         return None
-    run = uapi.kvm_run.from_buffer_copy(head + _RUN_PAD)
-    page = memoryview(head)
-    if run.exit_reason == ExitReason.IO:  # the data sits at data_offset (the PIO page, past the struct)
-        io = run.io
-        n = io.size * io.count
+    run = uapi.kvm_run.from_buffer_copy(page[:RUN_HEADER] + _RUN_PAD)
+    if run.exit_reason == ExitReason.IO and run.io.data_offset + run.io.size * run.io.count > len(page):
+        io = run.io  # data beyond the first read: fetch it where it is
         try:
-            data = syscalls.process_vm_readv(pid, run_addr + io.data_offset, n) if n else b""
+            data = syscalls.process_vm_readv(pid, run_addr + io.data_offset, io.size * io.count)
         except OSError:
             data = b""
-        page = memoryview(bytes(io.data_offset) + data)
-    return exits.decode(run, run.exit_reason, page)
+        page = bytes(io.data_offset) + data
+    return exits.decode(run, run.exit_reason, memoryview(page))
 
 
 def map_gpa_range(h: exits.HypercallExit) -> tuple[int, int, bool, int] | None:

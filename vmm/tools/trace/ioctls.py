@@ -145,5 +145,5 @@ def _run(ses: Session, tid: int, proc: Proc, v: Vcpu, ret: int) -> None:
         call="KVM_RUN",
         vcpu=v.index,
         ret=ret,
-        exit=d.exit_fields(e),
+        exit=e,
     )

@@ -8,9 +8,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from vmm.kvm.exits import Exit
 from vmm.kvm.uapi import MemFlag
 
-from .decode import flag_names, size, vm_type_name
+from .decode import exit_fields, flag_names, size, vm_type_name
 
 if TYPE_CHECKING:
     from .session import Session
@@ -61,6 +62,8 @@ class Output:
         if not self.wanted(e):
             return
         if self.json:
+            if isinstance(x := e.data.get("exit"), Exit):  # decoded for JSON only when JSON is asked for
+                e.data["exit"] = exit_fields(x)
             self.json.write(
                 json.dumps(
                     {

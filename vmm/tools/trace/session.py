@@ -274,7 +274,7 @@ class Session:
         data: dict[str, Any] = {
             "call": "fallocate",
             "file": f.name,
-            "kind": kind,
+            "file_kind": kind,
             "mode": mode,
             "offset": off,
             "length": length,
