@@ -246,7 +246,8 @@ def test_trace_c_private_mem_conversions(private_kvm: Kvm, tmp_path: Path) -> No
     hypercalls = exits(events, "HYPERCALL")
     assert len(hypercalls) == 52 and all("map_gpa_range" in h["exit"] for h in hypercalls)
     assert len(exits(events, "IO")) == 25
-    assert vm["vcpus"][0]["exits"] == {"HYPERCALL": 52, "IO": 25}
+    # KVM_RUN also returns -EINTR here now and then (counted as INTR): vcpu_run() retries it
+    assert {k: n for k, n in vm["vcpus"][0]["exits"].items() if k != "INTR"} == {"HYPERCALL": 52, "IO": 25}
     assert len(calls(events, "KVM_SET_MEMORY_ATTRIBUTES")) == 32
     falloc = [e for e in calls(events, "fallocate") if e["file_kind"] == "guest_memfd"]
     punches = [e for e in falloc if e["mode"] & 2]

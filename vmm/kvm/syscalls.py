@@ -38,7 +38,9 @@ MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
 MPOL_F_ADDR = 1 << 1
 MAX_NODE = 64  # bits in the one-word node masks mbind/get_mempolicy take here
 # <asm/unistd_64.h>
-SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
+SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES, SYS_SECCOMP = 237, 239, 279, 317
+# <linux/prctl.h>, <linux/seccomp.h>
+PR_SET_NO_NEW_PRIVS, SECCOMP_SET_MODE_FILTER = 38, 1
 
 
 def _call(what: str, func: Any, *args: Any) -> int:
@@ -146,6 +148,19 @@ def process_vm_readv(pid: int, addr: int, size: int) -> bytes:
     local, remote = _iovec(ctypes.addressof(buf), size), _iovec(addr, size)
     n = _call("process_vm_readv", _libc.process_vm_readv, pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
     return buf.raw[:n]
+
+
+class _sock_fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(program: bytes) -> None:
+    """Install a classic-BPF seccomp filter (``program``: struct sock_filter[], 8 bytes each) on
+    this thread and its future children, after PR_SET_NO_NEW_PRIVS (which an unprivileged filter needs)."""
+    _call("prctl", _libc.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _sock_fprog(len(program) // 8, ctypes.addressof(buf))
+    _call("seccomp", _libc.syscall, SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(prog))
 
 
 def meminfo(field: str) -> int:

@@ -203,11 +203,14 @@ class VmModel:
         self.pending.append((gpa, end, private))
         return (changed, 0) if private else (0, changed)
 
-    def discard(self, gpa: int, end: int, private: bool) -> None:
-        """One side of [gpa, end) was freed (PUNCH_HOLE, MADV_REMOVE/DONTNEED, munmap)."""
+    def discard(self, gpa: int, end: int, private: bool, count: bool = True) -> None:
+        """One side of [gpa, end) was freed (PUNCH_HOLE, MADV_REMOVE/DONTNEED); munmap too, but
+        that is teardown, not a discard the summary counts (``count`` False)."""
         live = self.private_live if private else self.shared_live
         freed = sum(hi - lo for lo, hi, v in live.ranges(gpa, end) if v)
         live.set(gpa, end, 0)
+        if not count:
+            return
         if private:
             self.stats.discarded_private += freed
         else:

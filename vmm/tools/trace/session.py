@@ -245,7 +245,7 @@ class Session:
         for vm in proc.vms:
             ranges = [(lo, hi) for _, lo, hi in vm.hva_to_gpa(addr, end)]
             for lo, hi in ranges:
-                vm.discard(lo, hi, private=False)
+                vm.discard(lo, hi, private=False, count=nr == _NR_MADVISE)
             if ranges:
                 gpas = ", ".join(f"[{lo:#x}, {hi:#x})" for lo, hi in ranges)
                 self.emit(

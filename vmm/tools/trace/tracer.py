@@ -17,14 +17,16 @@ import ctypes
 import os
 import shutil
 import signal
+import struct
 from dataclasses import dataclass
 
 from ptrace.binding import func as pt
 from ptrace.error import PtraceError
 
 from vmm.errors import VmmError
+from vmm.kvm import syscalls
 
-from .session import Proc, Session
+from .session import INTERESTING, Proc, Session
 
 PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_GET_SYSCALL_INFO = 0x4206, 0x4207, 0x420E
 PTRACE_O_EXITKILL = 1 << 20
@@ -37,8 +39,13 @@ OPTIONS = (
     | pt.PTRACE_O_TRACEVFORK
     | pt.PTRACE_O_TRACEEXEC
 )
+PTRACE_O_TRACESECCOMP, PTRACE_EVENT_SECCOMP = 1 << 7, 7
 SYSCALL_STOP = signal.SIGTRAP | 0x80
-_OP_ENTRY, _OP_EXIT = 1, 2
+_OP_ENTRY, _OP_EXIT, _OP_SECCOMP = 1, 2, 3
+# classic BPF and seccomp (<linux/filter.h>, <linux/seccomp.h>, <linux/audit.h>)
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
+_AUDIT_ARCH_X86_64 = 0xC000003E
 _STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 
@@ -84,11 +91,16 @@ class Tracer:
         self._info = ptrace_syscall_info()
         self._info_addr = ctypes.addressof(self._info)
         self._detach_requested = False
+        self.seccomp = False  # stops only at the filtered syscalls (PTRACE_CONT between them)
 
     # --- starting ---------------------------------------------------------------------------
 
-    def spawn(self, argv: list[str]) -> int:
-        """Fork, PTRACE_TRACEME, stop, exec ``argv``; returns the child's pid (traced, running)."""
+    def spawn(self, argv: list[str], seccomp: bool = True) -> int:
+        """Fork, PTRACE_TRACEME, stop, exec ``argv``; returns the child's pid (traced, running).
+
+        With ``seccomp`` (strace's --seccomp-bpf) the child installs a seccomp filter before exec
+        that stops it only at the syscalls the Session decodes: the others run at full speed (a
+        Python VMM makes thousands of stat/read calls while starting, QEMU polls constantly)."""
         path = shutil.which(argv[0])
         if path is None:
             raise TraceError(f"{argv[0]}: command not found")
@@ -98,7 +110,9 @@ class Tracer:
                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
                     signal.signal(s, signal.SIG_DFL)
                 pt.ptrace_traceme()
-                os.kill(os.getpid(), signal.SIGSTOP)
+                os.kill(os.getpid(), signal.SIGSTOP)  # the tracer sets its options meanwhile
+                if seccomp:  # after the stop: a SECCOMP_RET_TRACE without PTRACE_O_TRACESECCOMP is ENOSYS
+                    syscalls.seccomp_filter(_filter(sorted(INTERESTING)))
                 os.execv(path, argv)
             except BaseException as e:  # noqa: BLE001 - report and leave, whatever it was
                 os.write(2, f"vmm trace: {argv[0]}: {e}\n".encode())
@@ -107,7 +121,8 @@ class Tracer:
             _, status = os.waitpid(pid, WALL)
             if not os.WIFSTOPPED(status):
                 raise TraceError(f"{argv[0]}: the child died before exec")
-            pt.ptrace(pt.PTRACE_SETOPTIONS, pid, 0, OPTIONS | PTRACE_O_EXITKILL)
+            pt.ptrace(pt.PTRACE_SETOPTIONS, pid, 0, OPTIONS | PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP)
+            self.seccomp = seccomp
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             raise
@@ -189,6 +204,9 @@ class Tracer:
         if sig == SYSCALL_STOP:
             self._syscall(task)
             self._resume(task)
+        elif sig == signal.SIGTRAP and event == PTRACE_EVENT_SECCOMP:
+            self._syscall(task)  # an entry: resumed with PTRACE_SYSCALL for its exit
+            self._resume(task)
         elif sig == signal.SIGTRAP and event:
             self._event(task, event)
             self._resume(task)
@@ -210,7 +228,7 @@ class Tracer:
         except PtraceError:
             return
         info = self._info
-        if info.op == _OP_ENTRY:
+        if info.op in (_OP_ENTRY, _OP_SECCOMP):
             nr, args = info.data[0], tuple(a & 0xFFFFFFFFFFFFFFFF for a in info.data[1:7])
             task.entry = (nr, args)
             self.session.entry(task.tid, task.proc, nr, args)
@@ -264,8 +282,13 @@ class Tracer:
         self.session.process_event(tid, proc, f"process {tid} {proc.end}", event="exit", status=shell)
 
     def _resume(self, task: Task, sig: int = 0) -> None:
+        """Continue to the next syscall stop; under the seccomp filter, to the next filtered
+        syscall (PTRACE_CONT) unless this one's exit is still to come."""
         try:
-            pt.ptrace_syscall(task.tid, sig)
+            if self.seccomp and task.entry is None:
+                pt.ptrace_cont(task.tid, sig)
+            else:
+                pt.ptrace_syscall(task.tid, sig)
             task.stopped = False
         except PtraceError:  # killed meanwhile: its exit comes through waitpid
             pass
@@ -309,6 +332,15 @@ class Tracer:
         except PtraceError:
             pass
         self.tasks.pop(task.tid, None)
+
+
+def _filter(nrs: list[int]) -> bytes:
+    """A seccomp program: SECCOMP_RET_TRACE for the x86-64 syscalls ``nrs``, ALLOW for the rest."""
+    n = len(nrs)
+    ins = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, n + 1, _AUDIT_ARCH_X86_64), (_BPF_LD_W_ABS, 0, 0, 0)]
+    ins += [(_BPF_JEQ_K, n - i, 0, nr) for i, nr in enumerate(nrs)]
+    ins += [(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW), (_BPF_RET_K, 0, 0, _SECCOMP_RET_TRACE)]
+    return b"".join(struct.pack("<HBBI", *i) for i in ins)
 
 
 def _status_fields(pid: int) -> dict[str, str]:
