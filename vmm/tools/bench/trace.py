@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from vmm.errors import VmmError
@@ -46,7 +47,9 @@ def _wrap(impl: str, command: list[str], log: str) -> list[str]:
 
 def _run(impl: str, command: list[str], log: str) -> dict:
     """One run; the workload's own JSON line (its loop time), plus the lines the tracer wrote."""
+    start = time.perf_counter()
     proc = subprocess.run(_wrap(impl, command, log), capture_output=True, text=True)
+    wall = time.perf_counter() - start
     if proc.returncode:
         raise VmmError(f"{impl} run of {command[0]} failed: {proc.stderr.strip()[-300:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -54,7 +57,12 @@ def _run(impl: str, command: list[str], log: str) -> dict:
     if impl != "untraced":
         with open(log, "rb") as f:
             lines = sum(1 for _ in f)
-    return {"seconds": result["seconds"], "log_lines": lines}
+    return {
+        "seconds": result["seconds"],
+        "cpu_seconds": result["cpu_seconds"],
+        "command_seconds": wall,
+        "log_lines": lines,
+    }
 
 
 def _compare(name: str, command: list[str], repeats: int, work: int, unit: str) -> dict:
@@ -65,7 +73,15 @@ def _compare(name: str, command: list[str], repeats: int, work: int, unit: str) 
     out: dict = {"workload": name, "command": command, unit: work, "runs": runs, "excerpts": excerpts}
     for impl in IMPLS:
         sec = median(runs, impl, "seconds")
-        out[impl] = {"seconds": sec, "us_per_" + unit.rstrip("s"): sec * 1e6 / work, "slowdown": sec / base}
+        cpu, whole = median(runs, impl, "cpu_seconds"), median(runs, impl, "command_seconds")
+        out[impl] = {
+            "seconds": sec,
+            "us_per_" + unit.rstrip("s"): sec * 1e6 / work,
+            "slowdown": sec / base,
+            "cpu_seconds": cpu,  # the workload thread's CPU time (guest included): steadier on a busy host
+            "cpu_slowdown": cpu / median(runs, "untraced", "cpu_seconds"),
+            "command_seconds": whole,  # the whole command, start-up and tracer start-up included
+        }
     out["vmm_over_strace"] = out["vmm-trace"]["seconds"] / out["strace"]["seconds"]
     return out
 
@@ -83,7 +99,8 @@ def _excerpt(log: Path, name: str, n: int = 6) -> list[str]:
             return lines[i : i + n]
     for i, line in enumerate(lines):  # strace's: find the operation by the ioctl it shows
         if strace_key in line or ("0xd2" in line and name == "sweep"):
-            return lines[max(0, i - 2) : i + n - 2]
+            back = 1 if name == "sweep" else 0  # the KVM_RUN that returned the hypercall exit
+            return lines[max(0, i - back) : i + n - back]
     return lines[-n:]
 
 
@@ -118,7 +135,10 @@ def format_table(result: dict) -> str:
         lines.append(f"{w['workload']}: {n} {unit}s")
         for impl in IMPLS:
             r = w[impl]
-            lines.append(f"  {impl:10} {r['seconds']:9.4f}s {r['us_per_' + unit]:9.2f} µs/{unit}  x{r['slowdown']:.2f}")
+            lines.append(
+                f"  {impl:10} {r['seconds']:9.4f}s {r['us_per_' + unit]:9.2f} µs/{unit}  x{r['slowdown']:.2f} wall, "
+                f"x{r['cpu_slowdown']:.2f} cpu; whole command {r['command_seconds']:.2f}s"
+            )
         lines.append(f"  vmm trace / strace -f: {w['vmm_over_strace']:.2f}")
         for impl in IMPLS[1:]:
             lines.append(f"  {impl} output:")
@@ -134,7 +154,7 @@ def _sweep_child(size: int) -> None:
 
     with Kvm() as kvm:
         r = run_sweep(kvm, load_guest("convert_sweep"), size, 4096, 600.0)
-    print(json.dumps({"seconds": r["seconds"], "conversions": r["conversions"]}), flush=True)
+    print(json.dumps({k: r[k] for k in ("seconds", "cpu_seconds", "conversions")}), flush=True)
 
 
 if __name__ == "__main__":
