@@ -10,9 +10,7 @@ import click
 
 from vmm.tools.usage import fail
 
-from .output import CATEGORIES, Output, render_summary, summarize
-from .session import Session
-from .tracer import TraceError, Tracer
+from . import CATEGORIES
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -56,6 +54,12 @@ def trace(
     cannot be run or the process cannot be traced (no such process, permission, already traced)."""
     if (pid is None) == (not command):
         fail("trace: give a command after -- or -p PID, not both (try `vmm trace -h`)")
+    try:  # python-ptrace is the `trace` extra: import it only when tracing
+        from .output import Output, render_summary, summarize
+        from .session import Session
+        from .tracer import TraceError, Tracer
+    except ImportError as e:
+        fail(f"trace needs python-ptrace ({e}): pip install 'vmm[trace]'")
     with ExitStack() as stack:
         try:
             text = None if quiet else stack.enter_context(open(out_path, "w", buffering=1)) if out_path else sys.stderr

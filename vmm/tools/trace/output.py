@@ -11,12 +11,12 @@ from typing import IO, TYPE_CHECKING, Any
 from vmm.kvm.exits import Exit
 from vmm.kvm.uapi import MemFlag
 
+from . import CATEGORIES
 from .decode import exit_fields, flag_names, size, vm_type_name
 
 if TYPE_CHECKING:
     from .session import Session
 
-CATEGORIES = ("kvm", "memory", "exits")
 WARNINGS_SHOWN = 10  # per kind; the summary counts them all
 
 
