@@ -271,3 +271,15 @@ def test_trace_c_private_mem_kvm_exits(private_kvm: Kvm, tmp_path: Path) -> None
     assert [v["stats"]["warnings"].get("unresolved-fault") for v in vms] == [1, 1]
     assert "attributes-without-gmem" not in vms[0]["stats"]["warnings"]
     assert vms[1]["stats"]["warnings"].get("attributes-without-gmem") == 1
+
+
+@pytest.mark.host_only
+def test_doctor_reports_what_trace_needs(kvm: Kvm) -> None:
+    """`vmm doctor` names the python-ptrace it found and kernel.yama.ptrace_scope as they are."""
+    import importlib.metadata
+
+    report = json.loads(vmm("doctor", "--json").stdout)["trace"]
+    assert report["python_ptrace"] == importlib.metadata.version("python-ptrace")
+    scope = Path("/proc/sys/kernel/yama/ptrace_scope")
+    assert report["ptrace_scope"] == (int(scope.read_text()) if scope.exists() else None)
+    assert f"vmm trace         python-ptrace {report['python_ptrace']}" in vmm("doctor").stdout
