@@ -283,3 +283,32 @@ def test_doctor_reports_what_trace_needs(kvm: Kvm) -> None:
     scope = Path("/proc/sys/kernel/yama/ptrace_scope")
     assert report["ptrace_scope"] == (int(scope.read_text()) if scope.exists() else None)
     assert f"vmm trace         python-ptrace {report['python_ptrace']}" in vmm("doctor").stdout
+
+
+PRE_FAULT = """
+import json
+from vmm.errors import KvmError
+from vmm.guest.machine import Machine
+with Machine() as m:
+    try:
+        m.vcpus[0].pre_fault_memory(0x10000, 0x3000)
+        print(json.dumps({"errno": 0}))
+    except KvmError as e:
+        print(json.dumps({"errno": e.errno}))
+"""
+
+
+@pytest.mark.host_only
+def test_trace_pre_fault_memory(kvm: Kvm, tmp_path: Path) -> None:
+    """KVM_PRE_FAULT_MEMORY shows the range asked for (read at syscall entry: KVM advances the
+    struct as it maps) and what KVM left of it, with the return vmm got: 0 and nothing left where
+    the kernel pre-faults, the errno vmm raised where it cannot (ENOTSUP on kvm_pvm)."""
+    proc, events, _ = trace(tmp_path, sys.executable, "-c", PRE_FAULT)
+    assert proc.returncode == 0, proc.stderr
+    err = json.loads(proc.stdout.strip().splitlines()[-1])["errno"]
+    pf = calls(events, "KVM_PRE_FAULT_MEMORY", ok=False)
+    e = pf[0]
+    assert e["fd_kind"] == "vcpu" and pf[-1]["ret"] == -err
+    assert (e["args"]["requested"]["gpa"], e["args"]["requested"]["size"]) == (0x10000, 0x3000)
+    if not err:  # vmm repeats the call until KVM has mapped it all
+        assert pf[-1]["args"]["left"]["size"] == 0

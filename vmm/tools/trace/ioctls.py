@@ -75,6 +75,10 @@ def ioctl(ses: Session, tid: int, proc: Proc, args: tuple[int, ...], ret: int) -
             )
     elif req == uapi.KVM_PRE_FAULT_MEMORY:
         also = "memory"
+        asked = ses.requests.pop(tid, None)
+        if asked is not None:  # what was asked, then what KVM left to do (size 0: all mapped)
+            fields = {"requested": d.struct_fields(asked), "left": fields}
+            text = f"gpa={asked.gpa:#x} size={d.size(asked.size)} -> left size={d.size(fields['left'].get('size', 0))}"
     result = (
         d.errname(-ret) if ret < 0 else ("" if kind == "kvm" and req != uapi.KVM_CHECK_EXTENSION else "") + str(ret)
     )

@@ -48,6 +48,7 @@ class Session:
         self.procs: list[Proc] = []
         self.vms: list[VmModel] = []
         self.syscalls = 0
+        self.requests: dict[int, Any] = {}  # tid -> an argument struct as it was at syscall entry
         self._tid = 0
 
     # --- events -----------------------------------------------------------------------------
@@ -137,8 +138,11 @@ class Session:
     # --- syscalls ---------------------------------------------------------------------------
 
     def entry(self, tid: int, proc: Proc, nr: int, args: tuple[int, ...]) -> None:
-        """Syscall entry: only KVM_RUN needs it (the time it went in, the checks before it)."""
-        if nr == d.NR_IOCTL and args[1] == _KVM_RUN:
+        """Syscall entry: only KVM_RUN (the time it went in, the checks before it) and
+        KVM_PRE_FAULT_MEMORY (the range asked for, before KVM advances it) need it."""
+        if nr == d.NR_IOCTL and args[1] == uapi.KVM_PRE_FAULT_MEMORY:  # KVM rewrites it: keep the request
+            self.requests[tid] = d.read_struct(proc.pid, args[2], uapi.kvm_pre_fault_memory)
+        elif nr == d.NR_IOCTL and args[1] == _KVM_RUN:
             ref = proc.fds.get(args[0]) or self.classify(proc, args[0])
             if ref and ref[0] == "vcpu":
                 v: Vcpu = ref[1]
