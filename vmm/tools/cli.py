@@ -18,6 +18,7 @@ from vmm.paths import CHECKOUT
 from . import doctor, nested
 from .bench.cli import bench
 from .boot import boot
+from .trace.cli import trace
 from .usage import EXIT_USAGE, fail
 
 # tests that never touch /dev/kvm, or test only vmm's own logic, give the same answer inside: the
@@ -145,6 +146,7 @@ def nested_cmd(
 
 cli.add_command(boot)
 cli.add_command(bench)
+cli.add_command(trace)
 
 
 def _command_names(ctx: click.Context | None) -> list[str]:

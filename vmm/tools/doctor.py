@@ -21,7 +21,7 @@ from vmm.kvm.system import Kvm
 from vmm.kvm.uapi import Cap, GmemFlag, VmType, enum_name
 from vmm.paths import CHECKOUT
 
-from . import nested
+from . import nested, trace
 
 # capabilities this project relies on, and the fd on which the answer means something
 SYSTEM_CAPS = (
@@ -160,6 +160,7 @@ def report(kvm: Kvm) -> dict:
         "private_memory": {"available": private_memory(kvm), "needs": PRIVATE_MEM_REASON},
         "selftest_groups": groups,
         "guest_toolchain_missing": image.toolchain_missing(),
+        "trace": trace.requirements(),
         "nested": {
             "available": nested_ok,
             "why": nested_why,
@@ -246,6 +247,17 @@ def render(r: dict) -> str:
             if not missing
             else f"missing {', '.join(missing)} (bundled .bin files are used)"
         )
+    )
+    t = r["trace"]
+    scope = "" if t["ptrace_scope"] is None else f", kernel.yama.ptrace_scope={t['ptrace_scope']}"
+    out.append(
+        "vmm trace         "
+        + (
+            f"python-ptrace {t['python_ptrace']}"
+            if t["python_ptrace"]
+            else "needs python-ptrace: pip install 'vmm[trace]'"
+        )
+        + scope
     )
     n = r["nested"]
     out.append(f"nested virt       {'yes' if n['available'] else 'no'} ({n['why']})")

@@ -14,6 +14,7 @@ from . import conversions as bench_conversions
 from . import exits as bench_exits
 from . import memslots as bench_memslots
 from . import memslots_report
+from . import trace as bench_trace
 
 
 @click.group()
@@ -164,3 +165,30 @@ def bench_memslots_cmd(
     if plot_path:
         memslots_report.plot(result, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@bench.command("trace")
+@click.option(
+    "--exits",
+    "n",
+    type=click.IntRange(1),
+    default=bench_trace.DEFAULT_EXITS,
+    show_default=True,
+    help="SYNCs of the exit loop.",
+)
+@click.option("--sweep", default="1M", show_default=True, help="Size of the 4K conversion sweep (nested only).")
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=bench_trace.DEFAULT_REPEATS,
+    show_default=True,
+    help="Runs of each, interleaved.",
+)
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+def bench_trace_cmd(n: int, sweep: str, repeats: int, json_path: str | None) -> None:
+    """Slowdown under `vmm trace` and `strace -f`: the exit loop, and a 4K conversion sweep (nested)."""
+    result = bench_trace.run_trace_bench(n, parse_size(sweep), repeats)
+    click.echo(bench_trace.format_table(result))
+    if json_path:
+        bench_common.write_json(json_path, result)
+        click.echo(f"wrote {json_path}")

@@ -49,6 +49,7 @@ def guest_env(checkout: Path, python: Path, extra: Mapping[str, str] | None = No
     }
     if python.parent.parent == checkout / ".venv":
         env["VIRTUAL_ENV"] = str(checkout / ".venv")
+    env["VMM_HOST_CACHE_DIR"] = str(cache_dir())  # the host's C selftest builds (read-only root)
     headers = cache_dir() / "headers-6.12" / "include"
     if (headers / "linux" / "kvm.h").is_file():  # HOME is /tmp inside: point at the host's cache
         env["VMM_KERNEL_HEADERS"] = str(headers)
