@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmm import Kvm
+from vmm.guest.layout import UCALL_PORT
 from vmm.paths import cache_dir
 from vmm.tools.pytest_plugin import require
 
@@ -105,7 +106,7 @@ def test_trace_vmm_exit_run(kvm: Kvm, tmp_path: Path) -> None:
     ]
     io = exits(events, "IO")
     assert len(io) == truth["exits"]["IO"] == 26 and truth["exits"] == {"IO": 26}
-    assert {(e["exit"]["port"], e["exit"]["is_write"], e["exit"]["size"]) for e in io} == {(0x1000, True, 4)}
+    assert {(e["exit"]["port"], e["exit"]["is_write"], e["exit"]["size"]) for e in io} == {(UCALL_PORT, True, 1)}
     assert vm["vcpus"][0]["exits"] == {"IO": 26}
     assert not vm["stats"]["warnings"]
 

@@ -18,6 +18,7 @@ from test_guest_images import Unprivileged, unprivileged_user
 from test_trace import ROOT, WORKLOAD, sleeper, state, wait_for
 
 from vmm import Kvm
+from vmm.guest.layout import UCALL_PORT
 from vmm.tools.pytest_plugin import require
 
 from helpers import one_line_error
@@ -162,7 +163,7 @@ def test_trace_attach_to_a_running_vmm(kvm: Kvm, tmp_path: Path) -> None:
         wait_for(Path(f"/proc/{boot.pid}/maps"), "anon_inode:kvm-vcpu:0", timeout=60)  # its kvm_run is mapped
         out = tmp_path / "events"
         tracer = subprocess.Popen([sys.executable, "-m", "vmm", "trace", "-o", str(out), "-p", str(boot.pid)], cwd=ROOT)
-        wait_for(out, "KVM_EXIT_IO out port=0x1000")
+        wait_for(out, f"KVM_EXIT_IO out port={UCALL_PORT:#x}")
         tracer.send_signal(signal.SIGINT)
         assert tracer.wait(timeout=30) == 0
         assert all(state(int(t))[1] == 0 for t in os.listdir(f"/proc/{boot.pid}/task"))
