@@ -19,7 +19,18 @@ from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, 
 
 from . import x86
 from .image import GuestImage
-from .layout import GDT_GPA, IMAGE_END, IMAGE_GPA, REAL_STACK_SIZE, REAL_STACK_TOP, STACK_SIZE, SYSTEM_GPA, TSS_GPA
+from .layout import (
+    EXC_VECTORS,
+    GDT_GPA,
+    IDT_GPA,
+    IMAGE_END,
+    IMAGE_GPA,
+    REAL_STACK_SIZE,
+    REAL_STACK_TOP,
+    STACK_SIZE,
+    SYSTEM_GPA,
+    TSS_GPA,
+)
 from .runner import Runner, deadline_after, print_guest_output
 from .ucall import Ucall
 from .x86 import Mode, PageAllocator
@@ -126,7 +137,16 @@ class Machine:
             self.handlers.protected = []
         what = f"the guest image ({len(data)} bytes at {IMAGE_GPA:#x}, then its .bss up to {IMAGE_END:#x})"
         self._protect(ProtectedRange(IMAGE_GPA, IMAGE_END, what))
+        # the image's exception stubs (vmm_exceptions.h), when built for this mode: vectors 0-31
+        # report through UCALL_EXCEPTION instead of ending in a silent triple fault
+        stubs = x86.exception_stubs(data)
+        bits = 16 if mode is Mode.REAL else 64
+        stubs_gpa = stubs[0] if stubs is not None and stubs[1] == bits else None
+        idt: tuple[int, int] | None = None
         if mode is Mode.REAL:
+            if stubs_gpa is not None:
+                x86.write_ivt(self.memory, stubs_gpa)
+                self._protect(ProtectedRange(0, EXC_VECTORS * 4, "the real-mode IVT"))
             for v in self.vcpus:
                 top = REAL_STACK_TOP - v.id * REAL_STACK_SIZE
                 self._protect(ProtectedRange(top - REAL_STACK_SIZE, top, f"vCPU {v.id}'s real-mode stack"))
@@ -140,11 +160,16 @@ class Machine:
         stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
         free = self.free_gpa = self.allocator.next
         self._protect(ProtectedRange(GDT_GPA, TSS_GPA + PAGE_SIZE, "the GDT and TSS"))
+        if stubs_gpa is not None:
+            idt = x86.write_idt(self.memory, stubs_gpa)
+            self._protect(ProtectedRange(IDT_GPA, IDT_GPA + PAGE_SIZE, "the IDT"))
         self._protect(ProtectedRange(SYSTEM_GPA, tables_end, "the page tables"))
         for v, top in zip(self.vcpus, stacks):
             self._protect(ProtectedRange(top - STACK_SIZE, top, f"vCPU {v.id}'s stack"))
             v.set_cpuid2(self.kvm.supported_cpuid)
-            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end))
+            x86.enter_long_mode(
+                v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end), idt
+            )
 
     def _protect(self, r: ProtectedRange) -> None:
         """Record guest memory vmm placed something in; private-memory handlers refuse to convert it."""

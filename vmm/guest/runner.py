@@ -18,13 +18,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from vmm.errors import GuestAssertion, GuestError, GuestTimeout, UcallError, UnexpectedExit, VcpuStopped, VmmError
+from vmm.errors import (
+    GuestAssertion,
+    GuestError,
+    GuestException,
+    GuestTimeout,
+    UcallError,
+    UnexpectedExit,
+    VcpuStopped,
+    VmmError,
+)
 from vmm.kvm.exits import Exit, ExitHandlers, HypercallExit, IoExit, MemoryFaultExit, MmioExit
 from vmm.kvm.uapi import KVM_EXIT_IO_OUT, ExitReason
 
 from .dump import guest_text, read_source_line, source_line, vcpu_state
 from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SIZE
+from .layout import EXC_BANK_FOUND
 from .ucall import GuestOutput, Ucall, UcallCmd, decode
+from .x86 import exception_name
 
 if TYPE_CHECKING:
     from vmm.kvm.vcpu import Vcpu
@@ -34,6 +45,7 @@ if TYPE_CHECKING:
 # costs ~0.1 us in CPython 3.11, and struct instead of slicing + int.from_bytes.
 _EXIT_IO, _EXIT_INTR, _EXIT_HLT = int(ExitReason.IO), int(ExitReason.INTR), int(ExitReason.HLT)
 _SYNC, _DONE, _PRINT, _ABORT = int(UcallCmd.SYNC), int(UcallCmd.DONE), int(UcallCmd.PRINT), int(UcallCmd.ABORT)
+_EXCEPTION = int(UcallCmd.EXCEPTION)
 _U32 = struct.Struct("<I")
 
 #: bytes of one PRINT shown at most (the kernel's UCALL_BUFFER_LEN is 1024); the rest is cut, with a note
@@ -311,7 +323,11 @@ class Runner:
 
     def unexpected(self, reason: int) -> UnexpectedExit:
         """The error for an exit nobody handled, with registers and code at RIP."""
-        return UnexpectedExit(self.vcpu.id, self.vcpu.exit(reason), vcpu_state(self.vcpu, self.memory))
+        exit = self.vcpu.exit(reason)
+        why = f"unexpected {exit}: a triple fault (an exception the guest's IDT could not deliver)" * (
+            reason == ExitReason.SHUTDOWN
+        )
+        return UnexpectedExit(self.vcpu.id, exit, vcpu_state(self.vcpu, self.memory), why)
 
     # --- ucalls ---------------------------------------------------------------------------------
 
@@ -374,8 +390,22 @@ class Runner:
             line = uc.args[1]
             text = self._source_line(file, line)
             raise GuestAssertion(uc.vcpu_id, file, line, expr, uc.args[3], uc.args[4], text)
+        elif uc.cmd == _EXCEPTION:
+            raise self._exception(uc)
         else:
             raise self._bad_ucall(f"Unknown ucall {uc.cmd:#x}.", uc.cmd)
+
+    def _exception(self, uc: Ucall) -> GuestException:
+        """The guest's exception stubs reported a CPU exception (vmm_exceptions.h's ucall)."""
+        info, error_code, rip, cr2, mc_status, mc_addr = uc.args
+        vector = info & 0xFF
+        bank = (info >> 8) & 0xFF if info & EXC_BANK_FOUND else None
+        try:  # RIP is a GPA: the guest runs on identity page tables (or segment 0 in real mode)
+            code = self.memory.read(rip, 16).hex(" ")
+        except VmmError:
+            code = ""
+        name = exception_name(vector)
+        return GuestException(uc.vcpu_id, vector, name, error_code, rip, cr2, bank, mc_status, mc_addr, code)
 
     def _source_line(self, file: str, line: int) -> str:
         """The assert's source line, from the guest's own source only (``source``): the name the

@@ -4,13 +4,16 @@ The guest builds a ``struct ucall`` in memory it maps 1:1 (usually on its stack)
 block's physical address with a 32-bit OUT to UCALL_PORT. The host reads the block straight from
 guest memory: one exit per call and no extra ioctl. Layout, all little-endian u64:
 
-    cmd, args[0..5]     cmd: SYNC 1, ABORT 2 (failed assert), PRINT 3, DONE 4 (kernel ucall numbers)
+    cmd, args[0..5]     cmd: SYNC 1, ABORT 2 (failed assert), PRINT 3, DONE 4, EXCEPTION 5 (kernel ucall numbers)
 
     SYNC   args: stage and up to five values, returned to the host test
     PRINT  args[0] = address of the text, args[1] = its length
     ABORT  args[0] = address of the NUL-terminated source file name, args[1] = line,
            args[2] = address of the NUL-terminated expression, args[3] = left value, args[4] = right
     DONE   no args: the guest passed
+    EXCEPTION (5, the kernel's UCALL_UNHANDLED) an exception stub of vmm_exceptions.h: args[0] =
+           vector (| bank << 8 | EXC_BANK_FOUND for #MC), args[1] = error code (#MC: MCG_STATUS),
+           args[2] = RIP, args[3] = CR2, args[4] = MCi_STATUS, args[5] = MCi_ADDR
 
 Everything in a block is the guest's word, not the host's: the run loop (vmm.guest.runner) checks
 the block's address and every pointer and length against guest memory, reads at most a bounded
@@ -42,6 +45,7 @@ class UcallCmd(IntEnum):
     ABORT = 2
     PRINT = 3
     DONE = 4
+    EXCEPTION = 5  # the kernel selftests' UCALL_UNHANDLED: guest/include/vmm_exceptions.h
 
 
 class Ucall(NamedTuple):
