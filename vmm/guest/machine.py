@@ -171,6 +171,18 @@ class Machine:
                 v, self.page_tables.root, IMAGE_GPA, top, (v.id, len(self.vcpus), free, arg, slot0_end), idt
             )
 
+    def setup_mce(self, banks: int = x86.MCE_BANKS) -> None:
+        """Give every vCPU ``banks`` machine-check banks (KVM_X86_SETUP_MCE, with the MCG_CTL_P and
+        MCG_SER_P KVM offers), as QEMU does for a CPU with MCE and MCA; inject with inject_mce()."""
+        cap = x86.mcg_cap(banks, self.kvm.mce_cap_supported())
+        for v in self.vcpus:
+            v.setup_mce(cap)
+
+    def inject_mce(self, vcpu: int, gpa: int, action_required: bool = True, bank: int = x86.MCE_BANKS - 1) -> None:
+        """Route a memory error at ``gpa`` into the guest as #MC on its next entry (KVM_X86_SET_MCE
+        after setup_mce()); the guest needs CR4.MCE set, or KVM makes it a triple fault."""
+        self.vcpus[vcpu].set_mce(x86.machine_check(gpa, action_required, bank))
+
     def _protect(self, r: ProtectedRange) -> None:
         """Record guest memory vmm placed something in; private-memory handlers refuse to convert it."""
         self.protected.append(r)

@@ -33,6 +33,40 @@ MC_VECTOR = 18
 _GATE_INTERRUPT = 0x8E  # present, DPL 0, 64-bit interrupt gate
 
 
+# Machine-check architecture (SDM Vol. 3B, 16.3): MCG_CAP, MCG_STATUS and MCi_STATUS bits.
+MCG_CTL_P, MCG_SER_P = 1 << 8, 1 << 24
+MCG_STATUS_RIPV, MCG_STATUS_EIPV, MCG_STATUS_MCIP = 1 << 0, 1 << 1, 1 << 2
+MCI_STATUS_VAL, MCI_STATUS_OVER, MCI_STATUS_UC, MCI_STATUS_EN = 1 << 63, 1 << 62, 1 << 61, 1 << 60
+MCI_STATUS_MISCV, MCI_STATUS_ADDRV, MCI_STATUS_PCC, MCI_STATUS_S, MCI_STATUS_AR = (
+    1 << 59, 1 << 58, 1 << 57, 1 << 56, 1 << 55
+)  # fmt: skip
+#: MCACOD of a data load that hit poison (SRAR, action required) and of a memory scrubber's find (SRAO)
+MCACOD_DATA_LOAD, MCACOD_SCRUB = 0x134, 0xC0
+#: MCi_MISC address mode "physical address" (bits 8:6) with the address's least significant bit 12
+MCI_MISC_PHYS_PAGE = (2 << 6) | 12
+#: banks vmm gives a vCPU (QEMU's MCE_BANKS_DEF); QEMU reports guest memory errors in the last one
+MCE_BANKS = 10
+
+
+def mcg_cap(banks: int, supported: int) -> int:
+    """MCG_CAP for KVM_X86_SETUP_MCE: ``banks`` banks with MCG_CTL_P and MCG_SER_P where KVM offers them."""
+    return banks | (supported & (MCG_CTL_P | MCG_SER_P))
+
+
+def machine_check(gpa: int, action_required: bool = True, bank: int = MCE_BANKS - 1) -> uapi.kvm_x86_mce:
+    """The uncorrected memory error at ``gpa`` as QEMU's kvm_mce_inject() reports a SIGBUS on guest
+    memory: action required (BUS_MCEERR_AR, the vCPU consumed the poison: data load, RIPV|EIPV) or
+    optional (BUS_MCEERR_AO, found asynchronously: RIPV only)."""
+    status = MCI_STATUS_VAL | MCI_STATUS_UC | MCI_STATUS_EN | MCI_STATUS_MISCV | MCI_STATUS_ADDRV | MCI_STATUS_S
+    mcg_status = MCG_STATUS_MCIP | MCG_STATUS_RIPV
+    if action_required:
+        status |= MCI_STATUS_AR | MCACOD_DATA_LOAD
+        mcg_status |= MCG_STATUS_EIPV
+    else:
+        status |= MCACOD_SCRUB
+    return uapi.kvm_x86_mce(status=status, addr=gpa, misc=MCI_MISC_PHYS_PAGE, mcg_status=mcg_status, bank=bank)
+
+
 def exception_name(vector: int) -> str:
     """ "#GP" for 13; "vector N" for the reserved ones."""
     return EXCEPTION_NAMES.get(vector, f"vector {vector}")

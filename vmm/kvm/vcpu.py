@@ -149,6 +149,18 @@ class Vcpu(KvmFd):
         """KVM_SET_CPUID2 with a kvm_cpuid2 buffer (e.g. Kvm.supported_cpuid)."""
         self.ioctl(uapi.KVM_SET_CPUID2, bytearray(cpuid))
 
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: give the vCPU MCG_CAP ``mcg_cap`` (bank count in bits 7:0, at most
+        KVM_CAP_MCE's; capability bits from Kvm.mce_cap_supported()); KVM sets MCG_CTL and every
+        MCi_CTL to all ones, so uncorrected errors are reported."""
+        self.ioctl(uapi.KVM_X86_SETUP_MCE, bytearray(mcg_cap.to_bytes(8, "little")))
+
+    def set_mce(self, mce: uapi.kvm_x86_mce) -> None:
+        """KVM_X86_SET_MCE: record ``mce`` in its bank; an uncorrected one (MCi_STATUS.UC) queues #MC
+        for the next entry, or a triple fault when CR4.MCE is clear or MCG_STATUS.MCIP is set
+        (kvm_vcpu_ioctl_x86_set_mce)."""
+        self.ioctl(uapi.KVM_X86_SET_MCE, mce)
+
     def pre_fault_memory(self, gpa: int, size: int) -> None:
         """KVM_PRE_FAULT_MEMORY: map [gpa, gpa+size) ahead of use, resuming where KVM stopped early."""
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size)
