@@ -9,6 +9,7 @@ and a timeout bounds the whole run (run_until_done, Machine.run_all), not each s
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import struct
@@ -23,12 +24,14 @@ from vmm.errors import (
     GuestError,
     GuestException,
     GuestTimeout,
+    MemoryPoisoned,
     UcallError,
     UnexpectedExit,
     VcpuStopped,
     VmmError,
 )
 from vmm.kvm.exits import Exit, ExitHandlers, HypercallExit, IoExit, MemoryFaultExit, MmioExit
+from vmm.kvm.syscalls import BUS_MCEERR_AO, BUS_MCEERR_AR
 from vmm.kvm.uapi import KVM_EXIT_IO_OUT, ExitReason
 
 from .dump import guest_text, read_source_line, source_line, vcpu_state
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 _EXIT_IO, _EXIT_INTR, _EXIT_HLT = int(ExitReason.IO), int(ExitReason.INTR), int(ExitReason.HLT)
 _SYNC, _DONE, _PRINT, _ABORT = int(UcallCmd.SYNC), int(UcallCmd.DONE), int(UcallCmd.PRINT), int(UcallCmd.ABORT)
 _EXCEPTION = int(UcallCmd.EXCEPTION)
+_EHWPOISON = getattr(errno, "EHWPOISON", 133)
 _U32 = struct.Struct("<I")
 
 #: bytes of one PRINT shown at most (the kernel's UCALL_BUFFER_LEN is 1024); the rest is cut, with a note
@@ -274,6 +278,8 @@ class Runner:
                 elif reason == _EXIT_INTR:
                     # clear first, then look: a kick sets its flag before immediate_exit, so none is lost
                     run_page.immediate_exit = 0
+                    if vcpu.sigbus is not None:
+                        raise self._sigbus()
                     if self.timed_out or self.stop_reason is not None:
                         raise self._interrupted()
                 elif reason == _EXIT_HLT:
@@ -284,6 +290,26 @@ class Runner:
         except BaseException:
             self.guest_output.end()
             raise
+
+    def _sigbus(self) -> GuestError:
+        """KVM sent the vCPU thread SIGBUS (Vcpu.sigbus): the host page behind a shared access is
+        poisoned (kvm_send_hwpoison_signal(): BUS_MCEERR_AR, si_addr = the host address)."""
+        vcpu = self.vcpu
+        assert vcpu.sigbus is not None
+        code, addr, lsb = vcpu.sigbus
+        vcpu.sigbus = None
+        if code not in (BUS_MCEERR_AR, BUS_MCEERR_AO):  # e.g. kill -BUS: not a memory error, still not fatal
+            return VcpuStopped(vcpu.id, f"SIGBUS (si_code {code}, not a memory error) on the vCPU thread in KVM_RUN")
+        name = {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO"}.get(code, f"si_code {code}")
+        gpa = self.memory.gpa_of_hva(addr)
+        if gpa is not None:
+            self.memory.poisoned.add(gpa & ~0xFFF)
+        try:
+            backing = self.memory.region_at(gpa).backing.value if gpa is not None else "no memslot"
+        except VmmError:
+            backing = "no memslot"
+        reported = f"SIGBUS {name} on the vCPU thread, si_addr {addr:#x} ({backing}), si_addr_lsb {lsb}; KVM_RUN -1 EINTR"
+        return MemoryPoisoned(vcpu.id, gpa, "shared", reported, addr)
 
     def _interrupted(self) -> GuestError:
         """The error for a kick: a timeout (the watchdog's) or a stop (stop()'s); it consumes the flag."""
@@ -303,7 +329,13 @@ class Runner:
         handle_kvm_exit); False when nobody takes it."""
         h, vcpu, exit = self.handlers, self.vcpu, self.vcpu.exit(reason)
         if reason == ExitReason.MEMORY_FAULT:
-            return h.on_memory_fault(vcpu, cast(MemoryFaultExit, exit))
+            fault = cast(MemoryFaultExit, exit)
+            if vcpu.fault_errno == _EHWPOISON:
+                # kvm_gmem_get_pfn() found the page poisoned: no conversion helps ("userspace's decision")
+                side = "private" if fault.private else "shared"
+                self.memory.poisoned.add(fault.gpa & ~0xFFF)
+                raise MemoryPoisoned(vcpu.id, fault.gpa, side, f"KVM_RUN -1 EHWPOISON with {fault}")
+            return h.on_memory_fault(vcpu, fault)
         if reason == ExitReason.HYPERCALL:
             return h.on_hypercall(vcpu, cast(HypercallExit, exit))
         if reason == ExitReason.MMIO:

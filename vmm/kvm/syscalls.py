@@ -34,6 +34,9 @@ MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
 MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
 MPOL_F_ADDR = 1 << 1
 MAX_NODE = 64  # bits in the one-word node masks mbind/get_mempolicy take here
+# <asm-generic/siginfo.h>: si_code of a SIGBUS for a memory error (action required / optional)
+BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5
+SA_SIGINFO, SA_ONSTACK = 0x4, 0x08000000
 # <asm/unistd_64.h>
 SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
 
@@ -140,3 +143,47 @@ def meminfo(field: str) -> int:
             if name == field:
                 return int(rest.split()[0]) * 1024
     raise KeyError(field)
+
+
+class siginfo_t(ctypes.Structure):
+    """The part of x86-64 siginfo_t a SIGBUS fills: si_addr and si_addr_lsb (the union at 16)."""
+
+    _fields_ = [
+        ("si_signo", ctypes.c_int),
+        ("si_errno", ctypes.c_int),
+        ("si_code", ctypes.c_int),
+        ("_pad", ctypes.c_int),
+        ("si_addr", ctypes.c_uint64),
+        ("si_addr_lsb", ctypes.c_short),
+        ("_rest", ctypes.c_char * 102),
+    ]
+
+
+class _sigaction(ctypes.Structure):
+    """glibc's struct sigaction on x86-64 (handler, 1024-bit mask, flags, restorer)."""
+
+    _fields_ = [
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_uint64 * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+SIGINFO_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(siginfo_t), ctypes.c_void_p)
+
+
+def sigaction(signo: int, handler: Any) -> bytes:
+    """sigaction(2) with SA_SIGINFO for a SIGINFO_HANDLER (the caller keeps it alive); returns the
+    previous action, for restore_sigaction()."""
+    new, old = _sigaction(), _sigaction()
+    new.sa_handler = ctypes.cast(handler, ctypes.c_void_p)
+    new.sa_flags = SA_SIGINFO | SA_ONSTACK
+    _call("sigaction", _libc.sigaction, signo, ctypes.byref(new), ctypes.byref(old))
+    return bytes(old)
+
+
+def restore_sigaction(signo: int, previous: bytes) -> None:
+    """Put back an action sigaction() returned."""
+    old = _sigaction.from_buffer_copy(previous)
+    _call("sigaction", _libc.sigaction, signo, ctypes.byref(old), None)
