@@ -37,6 +37,9 @@ MAX_NODE = 64  # bits in the one-word node masks mbind/get_mempolicy take here
 # <asm-generic/siginfo.h>: si_code of a SIGBUS for a memory error (action required / optional)
 BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5
 SA_SIGINFO, SA_ONSTACK = 0x4, 0x08000000
+# <linux/prctl.h>: the memory-corruption kill policy (PR_MCE_KILL)
+PR_MCE_KILL, PR_MCE_KILL_SET = 33, 1
+PR_MCE_KILL_LATE, PR_MCE_KILL_EARLY, PR_MCE_KILL_DEFAULT = 0, 1, 2
 # <asm/unistd_64.h>
 SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
 
@@ -133,6 +136,14 @@ def page_nodes(addrs: list[int]) -> list[int]:
     status = (ctypes.c_int * len(addrs))()
     _call("move_pages", _libc.syscall, SYS_MOVE_PAGES, 0, ctypes.c_ulong(len(addrs)), pages, None, status, 0)
     return list(status)
+
+
+def set_mce_kill_policy(policy: int) -> None:
+    """prctl(PR_MCE_KILL, PR_MCE_KILL_SET, policy): when memory_failure() signals this process for
+    a page it maps (EARLY: at once, LATE: on access, DEFAULT: vm.memory_failure_early_kill)."""
+    _call(
+        "prctl", _libc.prctl, PR_MCE_KILL, PR_MCE_KILL_SET, ctypes.c_ulong(policy), ctypes.c_ulong(0), ctypes.c_ulong(0)
+    )
 
 
 def meminfo(field: str) -> int:

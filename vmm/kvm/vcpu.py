@@ -46,8 +46,9 @@ _install_kick_handler()
 # failure), KVM sends the thread SIGBUS with BUS_MCEERR_AR and the host address
 # (kvm_send_hwpoison_signal()) and KVM_RUN returns EINTR; the default action would kill the
 # process. vmm's handler records the signal for the thread inside KVM_RUN (Vcpu.sigbus) and
-# returns. A SIGBUS anywhere else is a fault of the thread's own access: the handler puts the
-# action that was there before back, and the access, run again, takes it (as if vmm had none).
+# returns. A SIGBUS anywhere else (a fault of the thread's own access, a kill): the handler puts
+# the action that was there before back and sends the signal again, so it takes that action (as if
+# vmm had installed none).
 _tls = threading.local()
 _sigbus_previous: bytes | None = None
 
@@ -66,6 +67,9 @@ def _on_sigbus(signo: int, info: ctypes._Pointer[syscalls.siginfo_t], context: i
     if _sigbus_previous is not None:
         syscalls.restore_sigaction(signal.SIGBUS, _sigbus_previous)
         _sigbus_previous = None
+    # sent again, pending until this handler returns: a signal that was no fault (kill -BUS, an
+    # asynchronous BUS_MCEERR_AO) takes that action too instead of being swallowed
+    signal.pthread_kill(threading.get_ident(), signal.SIGBUS)
 
 
 _SIGBUS_HANDLER = syscalls.SIGINFO_HANDLER(_on_sigbus)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from enum import Enum
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ from .regions import PAGE_SIZE, Backing, GuestMemory, Region
 
 MADV_HWPOISON = 100  # <asm-generic/mman-common.h>; needs CAP_SYS_ADMIN and CONFIG_MEMORY_FAILURE
 NESTED_ENV = "VMM_NESTED"
+HWPOISON_DEBUGFS = "/sys/kernel/debug/hwpoison/"  # mm/hwpoison-inject.c
+KPF_UNEVICTABLE = 18  # include/uapi/linux/kernel-page-flags.h
 NOT_NESTED = (
     "poisoning retires a physical page of this machine for good (MADV_HWPOISON): vmm poisons only "
     "inside a nested test kernel (VMM_NESTED=1, as `vmm nested` sets it)"
@@ -54,11 +57,7 @@ def host_address(memory: GuestMemory, gpa: int, side: Side | str) -> int:
     if gmem is None:
         raise VmmError(f"memslot {region.slot} at {region.gpa:#x} has no guest_memfd")
     if gmem.map is None:
-        raise VmmError(
-            f"poisoning the guest_memfd page at {page:#x} needs its pfn, which only a mapping of the "
-            "guest_memfd gives (GUEST_MEMFD_FLAG_MMAP with INIT_SHARED; a VM with private memory "
-            "cannot map its guest_memfd)"
-        )
+        raise VmmError(f"the guest_memfd of memslot {region.slot} is not mapped (no GUEST_MEMFD_FLAG_MMAP)")
     return syscalls.address_of(gmem.map) + region.gmem_offset + page - region.gpa
 
 
@@ -67,9 +66,10 @@ class Poisoned(NamedTuple):
     marked the page but could not isolate it) and the si_code of the SIGBUS memory_failure() sent
     the caller (None when none came: a page not mapped dirty, or a kill policy that waits)."""
 
-    hva: int
+    hva: int  # 0: the page was poisoned by its pfn (a guest_memfd nobody can map)
     errno: int
     sigbus: int | None
+    pfn: int | None = None  # the frame, when poisoned through hwpoison-inject
 
 
 def poison(memory: GuestMemory, gpa: int, side: Side | str = Side.SHARED) -> Poisoned:
@@ -78,6 +78,9 @@ def poison(memory: GuestMemory, gpa: int, side: Side | str = Side.SHARED) -> Poi
     kernel sends this thread for it is caught and reported. madvise() poisons through
     get_user_pages(): an unpopulated page is allocated to be poisoned."""
     refuse_unless_nested()
+    region = memory.region_at(gpa)
+    if Side(side) is Side.PRIVATE and region.gmem is not None and region.gmem.map is None:
+        return _poison_unmapped_gmem(memory, region, gpa)
     addr = host_address(memory, gpa, side)
     memory.poisoned.add(gpa & ~(PAGE_SIZE - 1))
     err = 0
@@ -92,6 +95,92 @@ def poison(memory: GuestMemory, gpa: int, side: Side | str = Side.SHARED) -> Poi
                 raise VmmError(f"MADV_HWPOISON of the {Side(side).value} page at gpa {gpa:#x}: {e.strerror}") from None
             err = e.errno
     return Poisoned(addr, err, signals[0][0] if signals else None)
+
+
+def _poison_unmapped_gmem(memory: GuestMemory, region: Region, gpa: int) -> Poisoned:
+    """Poison a page of a guest_memfd nobody can map (a VM with private memory): no pagemap gives
+    its pfn, so the page is punched, allocated again, and found as the one frame that turned
+    unevictable meanwhile (/proc/kpageflags: guest_memfd's mapping is unevictable); then
+    hwpoison-inject's corrupt-pfn poisons it. The page's old contents are lost (it reads zeros)."""
+    offset = (gpa & ~(PAGE_SIZE - 1)) - region.gpa
+    region.punch_hole_private(offset, PAGE_SIZE)
+    pfn = new_unevictable_pfn(lambda: region.allocate_private(offset, PAGE_SIZE))
+    memory.poisoned.add(gpa & ~(PAGE_SIZE - 1))
+    return Poisoned(0, write_hwpoison(pfn), None, pfn)
+
+
+def _kpageflags() -> bytes:
+    """/proc/kpageflags: one u64 of KPF_* flags per page frame (needs root)."""
+    chunks: list[bytes] = []
+    offset = 0
+    fd = os.open("/proc/kpageflags", os.O_RDONLY)
+    try:
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def new_unevictable_pfn(allocate: Callable[[], None]) -> int:
+    """The page frame ``allocate()`` brings in, as the one frame whose KPF_UNEVICTABLE turns on
+    meanwhile; VmmError unless exactly one does. LRU batches are drained first and after
+    (compact_memory runs lru_add_drain_all()), so the flag of a new folio is set when looked at.
+    Frames are compared 4 KiB of flags at a time (bytes compare in C), only differing runs per frame."""
+
+    def drain() -> None:
+        with open("/proc/sys/vm/compact_memory", "w") as f:
+            f.write("1\n")
+
+    drain()
+    before = _kpageflags()
+    allocate()
+    drain()
+    after = _kpageflags()
+    run, found = 4096, []
+    for start in range(0, min(len(before), len(after)), run):
+        if before[start : start + run] != after[start : start + run]:
+            for at in range(start, min(start + run, len(after)), 8):
+                old, new = (int.from_bytes(b[at : at + 8], "little") >> KPF_UNEVICTABLE & 1 for b in (before, after))
+                if new and not old:
+                    found.append(at // 8)
+    if len(found) != 1:
+        raise VmmError(
+            f"expected one page frame to turn unevictable, found {len(found)}: cannot tell the guest_memfd page"
+        )
+    return found[0]
+
+
+def pfn_of(hva: int) -> int:
+    """The page frame behind host address ``hva`` of this process (/proc/self/pagemap: present bit
+    63, pfn in bits 54:0; the pfn reads as 0 without CAP_SYS_ADMIN)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(hva // syscalls.HOST_PAGE_SIZE * 8)
+        entry = int.from_bytes(f.read(8), "little")
+    pfn = entry & ((1 << 55) - 1)
+    if not entry >> 63 or not pfn:
+        raise VmmError(f"no page frame behind host address {hva:#x} (not present, or no CAP_SYS_ADMIN)")
+    return pfn
+
+
+def write_hwpoison(pfn: int, mark: bool = True) -> int:
+    """Write ``pfn`` to debugfs hwpoison-inject's corrupt-pfn (memory_failure(pfn, 0), as a memory
+    scrubber would report it) or unpoison-pfn; inside a nested test kernel only. Returns 0, or the
+    errno memory_failure() / unpoison_memory() answered with."""
+    refuse_unless_nested()
+    path = HWPOISON_DEBUGFS + ("corrupt-pfn" if mark else "unpoison-pfn")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        raise VmmError(f"{path}: {e.strerror} (needs CONFIG_HWPOISON_INJECT, debugfs and root)") from None
+    try:  # one write(2): a buffered file would write again on close after a failure
+        os.write(fd, f"{pfn:#x}\n".encode())
+    except OSError as e:
+        return e.errno or 0
+    finally:
+        os.close(fd)
+    return 0
 
 
 def discard(memory: GuestMemory, gpa: int, side: Side | str = Side.SHARED) -> Region:
