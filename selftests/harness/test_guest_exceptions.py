@@ -5,6 +5,7 @@ error code, RIP and CR2 instead of a silent triple fault (the kernel selftests' 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,29 @@ def test_stub_table_is_checked() -> None:
     )
     assert x86.exception_stubs(image + IMAGE_GPA.to_bytes(8, "little") + (32).to_bytes(8, "little")) is None
     assert x86.exception_stubs(b"\x00" + good) is None  # the table is 8-byte aligned
+
+
+HOSTILE_EXCEPTION = """/* vmm-guest: mode=long vcpus=1 description="a forged exception report" */
+#include <vmm.h>
+GUEST_ENTRY
+    mov $0x1ff, %r8                     /* vector 255 and a bank number, without EXC_BANK_FOUND */
+    movabs $0xfffffffffffff000, %r9     /* RIP outside guest memory */
+    ucall UCALL_EXCEPTION, %r8, $0, %r9, $0, $0, $0
+    GUEST_FAIL("resumed after an exception report")
+"""
+
+
+@pytest.mark.host_only
+def test_forged_exception_report(kvm: Kvm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest's UCALL_EXCEPTION is its word: a reserved vector, bits it should not set and a RIP
+    outside guest memory give a GuestException naming what was sent (no bank, no code bytes)."""
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "forged.S"
+    source.write_text(HOSTILE_EXCEPTION)
+    with Machine(kvm=kvm, output=lambda *_: None) as m:
+        m.load(load_guest(str(source)))
+        with pytest.raises(GuestException) as e:
+            m.run(timeout=10)
+    ex = e.value
+    assert (ex.vector, ex.name, ex.bank, ex.rip) == (255, "vector 255", None, 0xFFFFFFFFFFFFF000)
+    assert "code at" not in str(ex)
