@@ -18,6 +18,12 @@ Seen in the nested kernels (6.12.117 and 7.3.4 under TCG, SVM):
   unevictable LRU page still referenced by 1 users") yet the page is marked, and the caller gets
   SIGBUS BUS_MCEERR_AR; the vCPU: KVM_RUN -1 EHWPOISON with KVM_EXIT_MEMORY_FAULT flags 0 (shared),
   gpa and size 4096, as the RFC expects. PUNCH_HOLE recovers: a fresh zero page.
+- the RFC's host-side cases on that guest_memfd (7.3): corrupt-pfn and MADV_HWPOISON both answer
+  EBUSY ("unevictable LRU page still referenced by 1 users", recovery Failed; the RFC's patched
+  kernel answers 0), yet the page is poisoned: a later read or write through a mapping dies of
+  SIGBUS in all eight cases; the caller is signalled at injection exactly where the RFC's table
+  says (mapped and dirty, and for corrupt-pfn only under PR_MCE_KILL_EARLY: BUS_MCEERR_AO; for
+  MADV_HWPOISON BUS_MCEERR_AR); PUNCH_HOLE of the whole file and unpoison-pfn then succeed.
 - private page (KVM_X86_SW_PROTECTED_VM, guest_memfd not mappable): no pagemap gives its pfn; it is
   found as the frame that turns unevictable in /proc/kpageflags when the page is allocated, and
   corrupt-pfn poisons it (write fails with EHWPOISON: memory_failure() reports the guest_memfd

@@ -22,23 +22,19 @@ from typing import TYPE_CHECKING, cast
 from vmm.errors import (
     GuestAssertion,
     GuestError,
-    GuestException,
     GuestTimeout,
-    MemoryPoisoned,
     UcallError,
     UnexpectedExit,
     VcpuStopped,
     VmmError,
 )
 from vmm.kvm.exits import Exit, ExitHandlers, HypercallExit, IoExit, MemoryFaultExit, MmioExit
-from vmm.kvm.syscalls import BUS_MCEERR_AO, BUS_MCEERR_AR
 from vmm.kvm.uapi import KVM_EXIT_IO_OUT, ExitReason
 
+from .reports import guest_exception, poisoned_fault, sigbus_error
 from .dump import guest_text, read_source_line, source_line, vcpu_state
 from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SIZE
-from .layout import EXC_BANK_FOUND
 from .ucall import GuestOutput, Ucall, UcallCmd, decode
-from .x86 import exception_name
 
 if TYPE_CHECKING:
     from vmm.kvm.vcpu import Vcpu
@@ -279,7 +275,8 @@ class Runner:
                     # clear first, then look: a kick sets its flag before immediate_exit, so none is lost
                     run_page.immediate_exit = 0
                     if vcpu.sigbus is not None:
-                        raise self._sigbus()
+                        sigbus, vcpu.sigbus = vcpu.sigbus, None
+                        raise sigbus_error(vcpu.id, sigbus, self.memory)
                     if self.timed_out or self.stop_reason is not None:
                         raise self._interrupted()
                 elif reason == _EXIT_HLT:
@@ -290,26 +287,6 @@ class Runner:
         except BaseException:
             self.guest_output.end()
             raise
-
-    def _sigbus(self) -> GuestError:
-        """KVM sent the vCPU thread SIGBUS (Vcpu.sigbus): the host page behind a shared access is
-        poisoned (kvm_send_hwpoison_signal(): BUS_MCEERR_AR, si_addr = the host address)."""
-        vcpu = self.vcpu
-        assert vcpu.sigbus is not None
-        code, addr, lsb = vcpu.sigbus
-        vcpu.sigbus = None
-        if code not in (BUS_MCEERR_AR, BUS_MCEERR_AO):  # e.g. kill -BUS: not a memory error, still not fatal
-            return VcpuStopped(vcpu.id, f"SIGBUS (si_code {code}, not a memory error) on the vCPU thread in KVM_RUN")
-        name = {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO"}.get(code, f"si_code {code}")
-        gpa = self.memory.gpa_of_hva(addr)
-        if gpa is not None:
-            self.memory.poisoned.add(gpa & ~0xFFF)
-        try:
-            backing = self.memory.region_at(gpa).backing.value if gpa is not None else "no memslot"
-        except VmmError:
-            backing = "no memslot"
-        reported = f"SIGBUS {name} on the vCPU thread, si_addr {addr:#x} ({backing}), si_addr_lsb {lsb}; KVM_RUN -1 EINTR"
-        return MemoryPoisoned(vcpu.id, gpa, "shared", reported, addr)
 
     def _interrupted(self) -> GuestError:
         """The error for a kick: a timeout (the watchdog's) or a stop (stop()'s); it consumes the flag."""
@@ -330,11 +307,8 @@ class Runner:
         h, vcpu, exit = self.handlers, self.vcpu, self.vcpu.exit(reason)
         if reason == ExitReason.MEMORY_FAULT:
             fault = cast(MemoryFaultExit, exit)
-            if vcpu.fault_errno == _EHWPOISON:
-                # kvm_gmem_get_pfn() found the page poisoned: no conversion helps ("userspace's decision")
-                side = "private" if fault.private else "shared"
-                self.memory.poisoned.add(fault.gpa & ~0xFFF)
-                raise MemoryPoisoned(vcpu.id, fault.gpa, side, f"KVM_RUN -1 EHWPOISON with {fault}")
+            if vcpu.fault_errno == _EHWPOISON:  # no conversion helps: "userspace's decision"
+                raise poisoned_fault(vcpu.id, fault, self.memory)
             return h.on_memory_fault(vcpu, fault)
         if reason == ExitReason.HYPERCALL:
             return h.on_hypercall(vcpu, cast(HypercallExit, exit))
@@ -423,21 +397,9 @@ class Runner:
             text = self._source_line(file, line)
             raise GuestAssertion(uc.vcpu_id, file, line, expr, uc.args[3], uc.args[4], text)
         elif uc.cmd == _EXCEPTION:
-            raise self._exception(uc)
+            raise guest_exception(uc, self.memory)
         else:
             raise self._bad_ucall(f"Unknown ucall {uc.cmd:#x}.", uc.cmd)
-
-    def _exception(self, uc: Ucall) -> GuestException:
-        """The guest's exception stubs reported a CPU exception (vmm_exceptions.h's ucall)."""
-        info, error_code, rip, cr2, mc_status, mc_addr = uc.args
-        vector = info & 0xFF
-        bank = (info >> 8) & 0xFF if info & EXC_BANK_FOUND else None
-        try:  # RIP is a GPA: the guest runs on identity page tables (or segment 0 in real mode)
-            code = self.memory.read(rip, 16).hex(" ")
-        except VmmError:
-            code = ""
-        name = exception_name(vector)
-        return GuestException(uc.vcpu_id, vector, name, error_code, rip, cr2, bank, mc_status, mc_addr, code)
 
     def _source_line(self, file: str, line: int) -> str:
         """The assert's source line, from the guest's own source only (``source``): the name the

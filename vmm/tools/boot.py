@@ -182,7 +182,7 @@ def boot(
             if gpa is not None:
                 _poison(m, gpa)
             start = time.monotonic()
-            code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
+            code, verdict, routed = EXIT_PASSED, "passed (GUEST_DONE)", ""
             try:
                 results = m.run_all(timeout, on_sync=on_sync)
                 if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
@@ -193,11 +193,13 @@ def boot(
                 code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
             except MemoryPoisoned as e:
                 code, verdict = EXIT_UNEXPECTED, f"POISONED: {e}"
-                _route_mce(m, e, timeout)
+                routed = _route_mce(m, e, timeout)
             except GuestError as e:  # UnexpectedExit, UcallError, MemoryFaultError: the guest's failure
                 code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
             elapsed = time.monotonic() - start
             _report(m, image.name, verdict, elapsed, syncs, sync_count[0])
+            if routed:
+                click.echo(routed)
     sys.exit(code)
 
 
@@ -224,18 +226,18 @@ def _poison(m: Machine, gpa: int) -> None:
     click.echo(f"vmm: poisoned the page of gpa {gpa:#x} (MADV_HWPOISON: {answer}; SIGBUS to vmm: {sigbus})")
 
 
-def _route_mce(m: Machine, e: MemoryPoisoned, timeout: float) -> None:
-    """Route the poison the vCPU met into the guest as #MC (KVM_X86_SET_MCE) and show what the guest's
-    #MC stub reported."""
+def _route_mce(m: Machine, e: MemoryPoisoned, timeout: float) -> str:
+    """Route the poison the vCPU met into the guest as #MC (KVM_X86_SET_MCE); the report line saying
+    what the guest's #MC stub reported."""
     if e.gpa is None:
-        return
+        return ""
     m.inject_mce(e.vcpu_id, e.gpa)
     try:
         outcome: object = m.run(e.vcpu_id, timeout)
     except GuestError as routed:
         outcome = routed
     shown = str(outcome).splitlines()[0] if isinstance(outcome, GuestException) else f"no #MC report: {outcome}"
-    click.echo(f"    #MC       injected at gpa {e.gpa:#x}: {shown}")
+    return f"    #MC       injected at gpa {e.gpa:#x}: {shown}"
 
 
 def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall], sync_count: int) -> None:
