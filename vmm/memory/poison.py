@@ -1,6 +1,7 @@
 """Memory failure on guest memory, for tests: poison the host page behind a GPA (MADV_HWPOISON,
 which runs the kernel's memory_failure() on it as if the hardware had reported an uncorrectable
-error), and discard a poisoned page so the slot can be populated again (PUNCH_HOLE).
+error; for a guest_memfd nobody can map, hwpoison-inject's corrupt-pfn on the frame found through
+/proc/kpageflags), and discard a poisoned page so the slot can be populated again (PUNCH_HOLE).
 
 Poisoning takes a physical page of the machine out of service for good, so vmm does it only inside
 a nested test kernel (VMM_NESTED=1, set by `vmm nested`), never on the host that runs vmm.
