@@ -6,6 +6,7 @@ nested kernels: selftests/kvm/test_guest_memfd_memory_failure.py."""
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import subprocess
 import sys
@@ -52,11 +53,15 @@ def test_poisoned_page_refused_to_host_access(kvm: Kvm) -> None:
         assert m.memory.read(DATA_GPA + 0x1000, 8) == bytes(8)
 
 
-def test_sigbus_in_kvm_run_ends_the_run_not_the_process(kvm: Kvm) -> None:
+@pytest.mark.parametrize("replaced", [False, True], ids=["", "handler_replaced_after_create"])
+def test_sigbus_in_kvm_run_ends_the_run_not_the_process(kvm: Kvm, replaced: bool) -> None:
     """A SIGBUS (here kill's, si_code SI_TKILL: no memory error) sent to the thread inside KVM_RUN
-    stops that run with a clear error; the process and the vCPU live on."""
+    stops that run with a clear error; the process and the vCPU live on. Also when another SIGBUS
+    handler was installed after the vCPU was made (faulthandler.enable(), as pytest does)."""
     with Machine(kvm=kvm, output=lambda *_: None) as m:
         m.load(load_guest("exits"), arg=6)  # spins
+        if replaced:
+            faulthandler.enable()
         timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGBUS))
         timer.start()
         try:

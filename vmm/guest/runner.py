@@ -209,6 +209,7 @@ class Runner:
         self.timed_out = False
         self.stop_reason = None
         self._timeout = timeout
+        self.vcpu.catch_sigbus()
         if self.vcpu.kvm_run is not None:
             self.vcpu.kvm_run.immediate_exit = 0
         if deadline is not None:

@@ -194,6 +194,13 @@ def sigaction(signo: int, handler: Any) -> bytes:
     return bytes(old)
 
 
+def sigaction_handler(signo: int) -> int:
+    """The address of the handler now installed for ``signo`` (0: SIG_DFL, 1: SIG_IGN)."""
+    now = _sigaction()
+    _call("sigaction", _libc.sigaction, signo, None, ctypes.byref(now))
+    return int(now.sa_handler or 0)
+
+
 def restore_sigaction(signo: int, previous: bytes) -> None:
     """Put back an action sigaction() returned."""
     old = _sigaction.from_buffer_copy(previous)

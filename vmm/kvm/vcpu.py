@@ -73,6 +73,7 @@ def _on_sigbus(signo: int, info: ctypes._Pointer[syscalls.siginfo_t], context: i
 
 
 _SIGBUS_HANDLER = syscalls.SIGINFO_HANDLER(_on_sigbus)
+_SIGBUS_ADDRESS = ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p).value
 
 
 @contextmanager
@@ -90,9 +91,11 @@ def sigbus_caught() -> Iterator[list[tuple[int, int, int]]]:
 
 
 def _install_sigbus_handler() -> None:
-    """Catch SIGBUS on vCPU threads (see above); once, and again after a foreign fault removed it."""
+    """Catch SIGBUS on vCPU threads (see above), unless vmm's handler is the one installed now: also
+    after a foreign fault put the old action back, or someone installed another since (pytest's
+    faulthandler does, between tests), whose action then becomes the one handed back to."""
     global _sigbus_previous
-    if _sigbus_previous is None:
+    if syscalls.sigaction_handler(signal.SIGBUS) != _SIGBUS_ADDRESS:
         _sigbus_previous = syscalls.sigaction(signal.SIGBUS, _SIGBUS_HANDLER)
 
 
@@ -144,6 +147,12 @@ class Vcpu(KvmFd):
             raise
         tls.in_run = False
         return self.kvm_run.exit_reason
+
+    @staticmethod
+    def catch_sigbus() -> None:
+        """Make sure vmm's SIGBUS handler is the one installed (a run begins with this: something may
+        have installed another since the vCPU was created)."""
+        _install_sigbus_handler()
 
     def _take_sigbus(self) -> None:
         """Move a SIGBUS this thread took inside KVM_RUN to ``self.sigbus`` (for the run loop)."""
