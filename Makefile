@@ -61,7 +61,7 @@ setup:
 guests: $(GUEST_BIN)
 
 # the same steps as vmm/guest/image.py assemble(): cpp, as, ld at 0x8000, objcopy to a flat binary
-guest/build/%.bin: guest/%.S guest/include/vmm.h guest/guest.ld
+guest/build/%.bin: guest/%.S $(wildcard guest/include/*.h) guest/guest.ld
 	@mkdir -p guest/build
 	cd guest && cpp -nostdinc -undef -D__ASSEMBLY__ -Iinclude $*.S -o build/$*.s
 	as --64 -o guest/build/$*.o guest/build/$*.s

@@ -4,7 +4,7 @@
 /* rcx selects the exit; r8 is the end of slot 0, used as an address with no memslot (MMIO) */
 #define EXIT_HLT        0
 #define EXIT_MMIO       1   /* write then read 8 bytes at r8: the host maps it, no memslot backs it */
-#define EXIT_SHUTDOWN   2   /* ud2 with no IDT: #UD -> #DF -> triple fault */
+#define EXIT_SHUTDOWN   2   /* ud2 under an IDT of limit 0: #UD -> #GP -> #DF -> triple fault */
 #define EXIT_FETCH_MMIO 3   /* jump to r8: instruction fetch from MMIO, KVM cannot emulate it */
 #define EXIT_HYPERCALL  4   /* KVM_HC_MAP_GPA_RANGE(rdx, 1 page, 0): the result is synced back */
 #define EXIT_PIO_IN     5   /* in from port 0x80: the host supplies the byte, synced back */
@@ -42,6 +42,7 @@ do_mmio:
     GUEST_DONE()
 
 do_shutdown:
+    lidt null_idt                   /* replace vmm's IDT (vmm_exceptions.h), which would report the #UD */
     ud2
 
 do_fetch_mmio:
@@ -74,3 +75,9 @@ do_debugcon:
     mov $'\n', %al
     out %al, %dx
     GUEST_DONE()
+
+    .section .rodata
+    .balign 8
+null_idt:
+    .word 0
+    .quad 0

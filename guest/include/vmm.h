@@ -135,4 +135,7 @@
 #define GUEST_ASSERT_EQ(a, b)       ucall_assert_eq a, b, __LINE__, __FILE__, VMM_STR(a == b)
 #define GUEST_HYPERCALL             vmmcall
 
+/* exception handlers for vectors 0-31 (UCALL_EXCEPTION): see vmm_exceptions.h */
+#include <vmm_exceptions.h>
+
 #endif

@@ -69,7 +69,7 @@ def test_unhandled_mmio_reports_state(kvm: Kvm) -> None:
 
 
 def test_shutdown_on_triple_fault(kvm: Kvm) -> None:
-    """ud2 with no IDT escalates to a triple fault: KVM_EXIT_SHUTDOWN, reported with the vCPU state.
+    """ud2 under an IDT of limit 0 escalates to a triple fault: KVM_EXIT_SHUTDOWN, reported with the vCPU state.
     (Where RIP points then differs by vendor: VMX keeps the faulting state, SVM resets the vCPU.)"""
     with exits_machine(kvm, SHUTDOWN) as m:
         with pytest.raises(UnexpectedExit) as failure:

@@ -30,6 +30,11 @@ SHARED = {
     "REAL_STACK_SIZE": layout.REAL_STACK_SIZE,
     "STACK_SIZE": layout.STACK_SIZE,
     "DATA_GPA": layout.DATA_GPA,
+    "IDT_GPA": layout.IDT_GPA,
+    "EXC_TABLE_MAGIC": layout.EXC_TABLE_MAGIC,
+    "EXC_STUB_SIZE": layout.EXC_STUB_SIZE,
+    "EXC_VECTORS": layout.EXC_VECTORS,
+    "EXC_BANK_FOUND": layout.EXC_BANK_FOUND,
     **{f"UCALL_{cmd.name}": int(cmd) for cmd in UcallCmd},
     "KVM_HC_MAP_GPA_RANGE": KVM_HC_MAP_GPA_RANGE,
 }
@@ -73,6 +78,12 @@ def test_linker_script_links_at_image_gpa() -> None:
 
 
 def test_layout_regions_do_not_overlap() -> None:
-    """Slot 0's fixed pieces lie in order: GDT, TSS, real-mode stacks, image, system area."""
+    """Slot 0's fixed pieces lie in order: GDT, IDT (the GDT page's second half), TSS, ucall
+    blocks (every vCPU's), real-mode stacks, image, system area."""
+    assert layout.GDT_GPA + 0x100 <= layout.IDT_GPA and layout.IDT_GPA + layout.EXC_VECTORS * 16 <= layout.TSS_GPA
+    assert layout.TSS_GPA + 0x1000 <= layout.UCALL_GPA
+    assert layout.ucall_block(layout.MAX_VCPUS) <= layout.REAL_STACK_TOP
+    real_stacks_bottom = layout.REAL_STACK_TOP - layout.REAL_MAX_VCPUS * layout.REAL_STACK_SIZE
+    assert layout.ucall_block(layout.REAL_MAX_VCPUS) <= real_stacks_bottom
     assert layout.GDT_GPA < layout.TSS_GPA < layout.REAL_STACK_TOP <= layout.IMAGE_GPA < layout.IMAGE_END
     assert layout.IMAGE_END <= layout.SYSTEM_GPA < layout.DATA_GPA

@@ -8,6 +8,8 @@ from __future__ import annotations
 GDT_GPA = 0x1000
 #: The 64-bit TSS the GDT's TSS descriptor points at.
 TSS_GPA = 0x2000
+#: Long mode: the IDT vmm writes for the guest's exception stubs (vectors 0-31, 16 bytes each).
+IDT_GPA = 0x1800
 #: Real mode: vCPU n's stack ends at REAL_STACK_TOP - n * REAL_STACK_SIZE.
 REAL_STACK_TOP = 0x7000
 #: Real mode: bytes of stack per vCPU.
@@ -43,3 +45,14 @@ MAX_VCPUS = (REAL_STACK_TOP - UCALL_GPA) // UCALL_SLOT
 def ucall_block(vcpu_id: int) -> int:
     """The GPA of vCPU ``vcpu_id``'s ucall block."""
     return UCALL_GPA + vcpu_id * UCALL_SLOT
+
+
+#: The table by which vmm finds a guest's exception stubs (guest/include/vmm_exceptions.h): this
+#: u64, then the stubs' address, then the code size (16 or 64) they were assembled for.
+EXC_TABLE_MAGIC = 0x5C3E7A1D9B0F6E42
+#: Bytes per exception stub; stub n handles vector n.
+EXC_STUB_SIZE = 16
+#: Vectors with a stub: the CPU's exceptions, 0-31.
+EXC_VECTORS = 32
+#: In an exception ucall's args[0]: set when an #MC handler found a bank with MCi_STATUS.VAL.
+EXC_BANK_FOUND = 0x10000

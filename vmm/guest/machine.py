@@ -20,7 +20,9 @@ from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, 
 from . import x86
 from .image import GuestImage
 from .layout import (
+    EXC_VECTORS,
     GDT_GPA,
+    IDT_GPA,
     IMAGE_END,
     IMAGE_GPA,
     MAX_VCPUS,
@@ -143,12 +145,21 @@ class Machine:
         self._protect(ProtectedRange(IMAGE_GPA, IMAGE_END, what))
         blocks = ucall_block(len(self.vcpus))
         self._protect(ProtectedRange(UCALL_GPA, blocks, "the vCPUs' ucall blocks"))
+        # the image's exception stubs (vmm_exceptions.h), when built for this mode: vectors 0-31
+        # report through UCALL_EXCEPTION instead of ending in a silent triple fault
+        stubs = x86.exception_stubs(data)
+        bits = 16 if mode is Mode.REAL else 64
+        stubs_gpa = stubs[0] if stubs is not None and stubs[1] == bits else None
+        idt: tuple[int, int] | None = None
         if mode is Mode.REAL:
             if len(self.vcpus) > REAL_MAX_VCPUS:
                 raise VmmError(
                     f"a real-mode guest has at most {REAL_MAX_VCPUS} vCPUs (their stacks below {REAL_STACK_TOP:#x} "
                     f"would overlap the ucall blocks from {UCALL_GPA:#x}), not {len(self.vcpus)}"
                 )
+            if stubs_gpa is not None:
+                x86.write_ivt(self.memory, stubs_gpa)
+                self._protect(ProtectedRange(0, EXC_VECTORS * 4, "the real-mode IVT"))
             for v in self.vcpus:
                 top = REAL_STACK_TOP - v.id * REAL_STACK_SIZE
                 self._protect(ProtectedRange(top - REAL_STACK_SIZE, top, f"vCPU {v.id}'s real-mode stack"))
@@ -164,12 +175,27 @@ class Machine:
         stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
         free = self.free_gpa = self.allocator.next
         self._protect(ProtectedRange(GDT_GPA, TSS_GPA + PAGE_SIZE, "the GDT and TSS"))
+        if stubs_gpa is not None:
+            idt = x86.write_idt(self.memory, stubs_gpa)
+            self._protect(ProtectedRange(IDT_GPA, IDT_GPA + EXC_VECTORS * 16, "the IDT"))
         self._protect(ProtectedRange(SYSTEM_GPA, tables_end, "the page tables"))
         for v, top in zip(self.vcpus, stacks):
             self._protect(ProtectedRange(top - STACK_SIZE, top, f"vCPU {v.id}'s stack"))
             v.set_cpuid2(self.kvm.supported_cpuid)
             entry_args = (v.id, len(self.vcpus), free, arg, slot0_end)
-            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, entry_args, ucall_block(v.id))
+            x86.enter_long_mode(v, self.page_tables.root, IMAGE_GPA, top, entry_args, ucall_block(v.id), idt)
+
+    def setup_mce(self, banks: int = x86.MCE_BANKS) -> None:
+        """Give every vCPU ``banks`` machine-check banks (KVM_X86_SETUP_MCE, with the MCG_CTL_P and
+        MCG_SER_P KVM offers), as QEMU does for a CPU with MCE and MCA; inject with inject_mce()."""
+        cap = x86.mcg_cap(banks, self.kvm.mce_cap_supported())
+        for v in self.vcpus:
+            v.setup_mce(cap)
+
+    def inject_mce(self, vcpu: int, gpa: int, action_required: bool = True, bank: int = x86.MCE_BANKS - 1) -> None:
+        """Route a memory error at ``gpa`` into the guest as #MC on its next entry (KVM_X86_SET_MCE
+        after setup_mce()); the guest needs CR4.MCE set, or KVM makes it a triple fault."""
+        self.vcpus[vcpu].set_mce(x86.machine_check(gpa, action_required, bank))
 
     def _protect(self, r: ProtectedRange) -> None:
         """Record guest memory vmm placed something in; private-memory handlers refuse to convert it."""

@@ -9,6 +9,7 @@ and a timeout bounds the whole run (run_until_done, Machine.run_all), not each s
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import struct
@@ -18,11 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from vmm.errors import GuestAssertion, GuestError, GuestTimeout, UcallError, UnexpectedExit, VcpuStopped, VmmError
+from vmm.errors import (
+    GuestAssertion,
+    GuestError,
+    GuestTimeout,
+    UcallError,
+    UnexpectedExit,
+    VcpuStopped,
+    VmmError,
+)
 from vmm.kvm.exits import Exit, ExitHandlers, HypercallExit, IoExit, MemoryFaultExit, MmioExit
 from vmm.kvm import uapi
 from vmm.kvm.uapi import KVM_EXIT_IO_OUT, ExitReason
 
+from .reports import guest_exception, poisoned_fault, sigbus_error
 from .dump import guest_text, read_source_line, source_line, vcpu_state
 from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SLOT, ucall_block
 from .ucall import GuestOutput, Ucall, UcallCmd, decode
@@ -35,6 +45,8 @@ if TYPE_CHECKING:
 # costs ~0.1 us in CPython 3.11, and struct instead of slicing + int.from_bytes.
 _EXIT_IO, _EXIT_INTR, _EXIT_HLT = int(ExitReason.IO), int(ExitReason.INTR), int(ExitReason.HLT)
 _SYNC, _DONE, _PRINT, _ABORT = int(UcallCmd.SYNC), int(UcallCmd.DONE), int(UcallCmd.PRINT), int(UcallCmd.ABORT)
+_EXCEPTION = int(UcallCmd.EXCEPTION)
+_EHWPOISON = getattr(errno, "EHWPOISON", 133)
 _U32 = struct.Struct("<I")
 _IO_WORD = uapi.kvm_run.io.offset // 4  # kvm_run.io's first u32 in Vcpu.run_u32
 
@@ -206,6 +218,7 @@ class Runner:
         self.timed_out = False
         self.stop_reason = None
         self._timeout = timeout
+        self.vcpu.catch_sigbus()
         if self.vcpu.kvm_run is not None:
             self.vcpu.kvm_run.immediate_exit = 0
         if deadline is not None:
@@ -276,6 +289,9 @@ class Runner:
                 elif reason == _EXIT_INTR:
                     # clear first, then look: a kick sets its flag before immediate_exit, so none is lost
                     vcpu.kvm_run.immediate_exit = 0
+                    if vcpu.sigbus is not None:
+                        sigbus, vcpu.sigbus = vcpu.sigbus, None
+                        raise sigbus_error(vcpu.id, sigbus, self.memory)
                     if self.timed_out or self.stop_reason is not None:
                         raise self._interrupted()
                 elif reason == _EXIT_HLT:
@@ -305,7 +321,10 @@ class Runner:
         handle_kvm_exit); False when nobody takes it."""
         h, vcpu, exit = self.handlers, self.vcpu, self.vcpu.exit(reason)
         if reason == ExitReason.MEMORY_FAULT:
-            return h.on_memory_fault(vcpu, cast(MemoryFaultExit, exit))
+            fault = cast(MemoryFaultExit, exit)
+            if vcpu.fault_errno == _EHWPOISON:  # no conversion helps: "userspace's decision"
+                raise poisoned_fault(vcpu.id, fault, self.memory)
+            return h.on_memory_fault(vcpu, fault)
         if reason == ExitReason.HYPERCALL:
             return h.on_hypercall(vcpu, cast(HypercallExit, exit))
         if reason == ExitReason.MMIO:
@@ -330,7 +349,11 @@ class Runner:
 
     def unexpected(self, reason: int) -> UnexpectedExit:
         """The error for an exit nobody handled, with registers and code at RIP."""
-        return UnexpectedExit(self.vcpu.id, self.vcpu.exit(reason), vcpu_state(self.vcpu, self.memory))
+        exit = self.vcpu.exit(reason)
+        why = f"unexpected {exit}: a triple fault (an exception the guest's IDT could not deliver)" * (
+            reason == ExitReason.SHUTDOWN
+        )
+        return UnexpectedExit(self.vcpu.id, exit, vcpu_state(self.vcpu, self.memory), why)
 
     # --- ucalls ---------------------------------------------------------------------------------
 
@@ -405,6 +428,8 @@ class Runner:
             line = uc.args[1]
             text = self._source_line(file, line)
             raise GuestAssertion(uc.vcpu_id, file, line, expr, uc.args[3], uc.args[4], text)
+        elif uc.cmd == _EXCEPTION:
+            raise guest_exception(uc, self.memory)
         else:
             raise self._bad_ucall(f"Unknown ucall {uc.cmd:#x}.", uc.cmd)
 

@@ -14,6 +14,9 @@ Little-endian:
     ABORT  args[0] = address of the NUL-terminated source file name, args[1] = line,
            args[2] = address of the NUL-terminated expression, args[3] = left value, args[4] = right
     DONE   no args: the guest passed
+    EXCEPTION (5, the kernel's UCALL_UNHANDLED) an exception stub of vmm_exceptions.h: args[0] =
+           vector (| bank << 8 | EXC_BANK_FOUND for #MC), args[1] = error code (#MC: MCG_STATUS),
+           args[2] = RIP, args[3] = CR2, args[4] = MCi_STATUS, args[5] = MCi_ADDR
 
 The block's place is the host's choice, so a guest cannot point the host elsewhere; everything in
 it is still the guest's word: the run loop (vmm.guest.runner) checks the header and every pointer
@@ -56,6 +59,7 @@ class UcallCmd(IntEnum):
     ABORT = 2
     PRINT = 3
     DONE = 4
+    EXCEPTION = 5  # the kernel selftests' UCALL_UNHANDLED: guest/include/vmm_exceptions.h
 
 
 class Ucall(NamedTuple):

@@ -37,6 +37,12 @@ MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
 MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
 MPOL_F_ADDR = 1 << 1
 MAX_NODE = 64  # bits in the one-word node masks mbind/get_mempolicy take here
+# <asm-generic/siginfo.h>: si_code of a SIGBUS for a memory error (action required / optional)
+BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5
+SA_SIGINFO, SA_ONSTACK = 0x4, 0x08000000
+# <linux/prctl.h>: the memory-corruption kill policy (PR_MCE_KILL)
+PR_MCE_KILL, PR_MCE_KILL_SET = 33, 1
+PR_MCE_KILL_LATE, PR_MCE_KILL_EARLY, PR_MCE_KILL_DEFAULT = 0, 1, 2
 # <asm/unistd_64.h>
 SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES, SYS_SECCOMP = 237, 239, 279, 317
 # <linux/prctl.h>, <linux/seccomp.h>
@@ -163,6 +169,14 @@ def seccomp_filter(program: bytes) -> None:
     _call("seccomp", _libc.syscall, SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(prog))
 
 
+def set_mce_kill_policy(policy: int) -> None:
+    """prctl(PR_MCE_KILL, PR_MCE_KILL_SET, policy): when memory_failure() signals this process for
+    a page it maps (EARLY: at once, LATE: on access, DEFAULT: vm.memory_failure_early_kill)."""
+    _call(
+        "prctl", _libc.prctl, PR_MCE_KILL, PR_MCE_KILL_SET, ctypes.c_ulong(policy), ctypes.c_ulong(0), ctypes.c_ulong(0)
+    )
+
+
 def meminfo(field: str) -> int:
     """A /proc/meminfo field in bytes (e.g. 'Unevictable', where guest_memfd pages are counted)."""
     with open("/proc/meminfo") as f:
@@ -186,3 +200,54 @@ def smaps_field(addr: int, field: str) -> int:
             elif inside and head == field + ":":
                 return int(line.split()[1]) * 1024
     raise KeyError(f"{field} of the mapping at {addr:#x}")
+
+
+class siginfo_t(ctypes.Structure):
+    """The part of x86-64 siginfo_t a SIGBUS fills: si_addr and si_addr_lsb (the union at 16)."""
+
+    _fields_ = [
+        ("si_signo", ctypes.c_int),
+        ("si_errno", ctypes.c_int),
+        ("si_code", ctypes.c_int),
+        ("_pad", ctypes.c_int),
+        ("si_addr", ctypes.c_uint64),
+        ("si_addr_lsb", ctypes.c_short),
+        ("_rest", ctypes.c_char * 102),
+    ]
+
+
+class _sigaction(ctypes.Structure):
+    """glibc's struct sigaction on x86-64 (handler, 1024-bit mask, flags, restorer)."""
+
+    _fields_ = [
+        ("sa_handler", ctypes.c_void_p),
+        ("sa_mask", ctypes.c_uint64 * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+SIGINFO_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(siginfo_t), ctypes.c_void_p)
+
+
+def sigaction(signo: int, handler: Any) -> bytes:
+    """sigaction(2) with SA_SIGINFO for a SIGINFO_HANDLER (the caller keeps it alive); returns the
+    previous action, for restore_sigaction()."""
+    new, old = _sigaction(), _sigaction()
+    new.sa_handler = ctypes.cast(handler, ctypes.c_void_p)
+    new.sa_flags = SA_SIGINFO | SA_ONSTACK
+    _call("sigaction", _libc.sigaction, signo, ctypes.byref(new), ctypes.byref(old))
+    return bytes(old)
+
+
+def sigaction_handler(signo: int) -> int:
+    """The address of the handler now installed for ``signo`` (0: SIG_DFL, 1: SIG_IGN)."""
+    now = _sigaction()
+    _call("sigaction", _libc.sigaction, signo, None, ctypes.byref(now))
+    return int(now.sa_handler or 0)
+
+
+def restore_sigaction(signo: int, previous: bytes) -> None:
+    """Put back an action sigaction() returned."""
+    old = _sigaction.from_buffer_copy(previous)
+    _call("sigaction", _libc.sigaction, signo, ctypes.byref(old), None)

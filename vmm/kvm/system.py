@@ -74,6 +74,13 @@ class Kvm(KvmFd):
             used = uapi.kvm_cpuid2.from_buffer(buf).nent
             return buf[: ctypes.sizeof(uapi.kvm_cpuid2) + used * ctypes.sizeof(uapi.kvm_cpuid_entry2)]
 
+    def mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the MCG_CAP bits KVM_X86_SETUP_MCE accepts (the bank
+        count, bits 7:0, is KVM_CAP_MCE's answer instead)."""
+        buf = bytearray(8)
+        self.ioctl(uapi.KVM_X86_GET_MCE_CAP_SUPPORTED, buf)
+        return int.from_bytes(buf, "little")
+
     def create_vm(self, vm_type: VmType | int = VmType.DEFAULT) -> Vm:
         """KVM_CREATE_VM of the given type (KVM_X86_SW_PROTECTED_VM for private memory)."""
         return Vm(self, self.ioctl(uapi.KVM_CREATE_VM, int(vm_type)), int(vm_type), self.vcpu_mmap_size)

@@ -183,6 +183,20 @@ class kvm_cpuid2(ctypes.Structure):
     _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
 
 
+class kvm_x86_mce(ctypes.Structure):
+    """A machine check to inject (KVM_X86_SET_MCE): MCi_STATUS/ADDR/MISC of ``bank`` and MCG_STATUS."""
+
+    _fields_ = [
+        ("status", c_uint64),
+        ("addr", c_uint64),
+        ("misc", c_uint64),
+        ("mcg_status", c_uint64),
+        ("bank", c_uint8),
+        ("pad1", c_uint8 * 7),
+        ("pad2", c_uint64 * 3),
+    ]
+
+
 # kvm_run and its exit union
 
 
@@ -272,6 +286,7 @@ KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, kvm_cpuid2)
+KVM_X86_GET_MCE_CAP_SUPPORTED = _ior(0x9D, c_uint64)
 # VM
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_NR_MMU_PAGES = _io(0x44)
@@ -289,6 +304,8 @@ KVM_SET_REGS = _iow(0x82, kvm_regs)
 KVM_GET_SREGS = _ior(0x83, kvm_sregs)
 KVM_SET_SREGS = _iow(0x84, kvm_sregs)
 KVM_SET_CPUID2 = _iow(0x90, kvm_cpuid2)
+KVM_X86_SETUP_MCE = _iow(0x9C, c_uint64)
+KVM_X86_SET_MCE = _iow(0x9E, kvm_x86_mce)
 KVM_PRE_FAULT_MEMORY = _iowr(0xD5, kvm_pre_fault_memory)
 KVM_GET_STATS_FD = _io(0xCE)  # on a VM or vCPU fd
 
@@ -306,6 +323,7 @@ class Cap(IntEnum):
     SET_TSS_ADDR = 4
     NR_VCPUS = 9
     NR_MEMSLOTS = 10
+    MCE = 31
     SYNC_MMU = 16
     MAX_VCPUS = 66
     READONLY_MEM = 81

@@ -8,9 +8,11 @@ import fcntl
 import mmap
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from . import uapi
+from . import syscalls, uapi
 from .exits import Exit, decode
 from .fd import KvmFd
 from .stats import Stats
@@ -41,6 +43,62 @@ def _install_kick_handler() -> bool:
 
 _install_kick_handler()
 
+# SIGBUS on a vCPU thread. When a vCPU touches guest memory whose host page is poisoned (memory
+# failure), KVM sends the thread SIGBUS with BUS_MCEERR_AR and the host address
+# (kvm_send_hwpoison_signal()) and KVM_RUN returns EINTR; the default action would kill the
+# process. vmm's handler records the signal for the thread inside KVM_RUN (Vcpu.sigbus) and
+# returns. A SIGBUS anywhere else (a fault of the thread's own access, a kill): the handler puts
+# the action that was there before back and sends the signal again, so it takes that action (as if
+# vmm had installed none).
+_tls = threading.local()
+_sigbus_previous: bytes | None = None
+
+
+def _on_sigbus(signo: int, info: ctypes._Pointer[syscalls.siginfo_t], context: int) -> None:
+    global _sigbus_previous
+    caught = getattr(_tls, "caught", None)
+    if getattr(_tls, "in_run", False) or caught is not None:
+        i = info.contents
+        got = (int(i.si_code), int(i.si_addr), int(i.si_addr_lsb))
+        if caught is not None:
+            caught.append(got)
+        else:
+            _tls.sigbus = got
+        return
+    if _sigbus_previous is not None:
+        syscalls.restore_sigaction(signal.SIGBUS, _sigbus_previous)
+        _sigbus_previous = None
+    # sent again, pending until this handler returns: a signal that was no fault (kill -BUS, an
+    # asynchronous BUS_MCEERR_AO) takes that action too instead of being swallowed
+    signal.pthread_kill(threading.get_ident(), signal.SIGBUS)
+
+
+_SIGBUS_HANDLER = syscalls.SIGINFO_HANDLER(_on_sigbus)
+_SIGBUS_ADDRESS = ctypes.cast(_SIGBUS_HANDLER, ctypes.c_void_p).value
+
+
+@contextmanager
+def sigbus_caught() -> Iterator[list[tuple[int, int, int]]]:
+    """For the length of a ``with`` block, a SIGBUS this thread is sent (not one from its own
+    access, which would come again) is appended to the yielded list as (si_code, si_addr,
+    si_addr_lsb) instead of killing the process: MADV_HWPOISON sends one to its caller."""
+    _install_sigbus_handler()
+    got: list[tuple[int, int, int]] = []
+    _tls.caught = got
+    try:
+        yield got
+    finally:
+        _tls.caught = None
+
+
+def _install_sigbus_handler() -> None:
+    """Catch SIGBUS on vCPU threads (see above), unless vmm's handler is the one installed now: also
+    after a foreign fault put the old action back, or someone installed another since (pytest's
+    faulthandler does, between tests), whose action then becomes the one handed back to."""
+    global _sigbus_previous
+    if syscalls.sigaction_handler(signal.SIGBUS) != _SIGBUS_ADDRESS:
+        _sigbus_previous = syscalls.sigaction(signal.SIGBUS, _SIGBUS_HANDLER)
+
 
 class Vcpu(KvmFd):
     """One vCPU; ``run()`` enters the guest until the next exit."""
@@ -62,36 +120,64 @@ class Vcpu(KvmFd):
         # test_uapi_layout checks): 40 ns where a ctypes field takes 270 (timeit on this host)
         self.run_u32 = self.run_bytes[: mmap_size & ~3].cast("I")
         self.thread_ident: int | None = None  # native thread inside run(), for kick()
+        self.fault_errno = 0  # KVM_RUN's errno with the last memory-fault exit (EFAULT or EHWPOISON)
+        self.sigbus: tuple[int, int, int] | None = None  # (si_code, si_addr, si_addr_lsb) of a SIGBUS in KVM_RUN
         _install_kick_handler()
+        _install_sigbus_handler()
 
     def run(self) -> int:
         """KVM_RUN once. Returns kvm_run.exit_reason; a memory fault (-EFAULT/-EHWPOISON with
         exit_reason MEMORY_FAULT) and a signal (-EINTR, reported as KVM_EXIT_INTR) are exits, not errors.
         api.rst: "KVM_EXIT_MEMORY_FAULT is unique among all KVM exit reasons in that it accompanies a
         return code of '-1', not '0'!" (rust-vmm's VcpuFd::run() special-cases it the same way)."""
+        tls = _tls
+        tls.in_run = True
         try:
             fcntl.ioctl(self.fd, uapi.KVM_RUN, 0)
         except InterruptedError:
+            tls.in_run = False
+            self._take_sigbus()
             return ExitReason.INTR
         except OSError as e:
+            tls.in_run = False
             if e.errno in (errno.EFAULT, _EHWPOISON) and self.kvm_run.exit_reason == ExitReason.MEMORY_FAULT:
+                self.fault_errno = e.errno or 0
                 return ExitReason.MEMORY_FAULT
             raise self.error(uapi.KVM_RUN, e.errno or 0) from None
         except ValueError:  # fcntl refuses fd -1: name the call instead
+            tls.in_run = False
             if self.fd < 0:
                 raise ValueError("KVM_RUN on closed vCPU fd") from None
             raise
+        tls.in_run = False
         return self.run_u32[2]
+
+    @staticmethod
+    def catch_sigbus() -> None:
+        """Make sure vmm's SIGBUS handler is the one installed (a run begins with this: something may
+        have installed another since the vCPU was created)."""
+        _install_sigbus_handler()
+
+    def _take_sigbus(self) -> None:
+        """Move a SIGBUS this thread took inside KVM_RUN to ``self.sigbus`` (for the run loop)."""
+        got = getattr(_tls, "sigbus", None)
+        if got is not None:
+            _tls.sigbus = None
+            self.sigbus = got
 
     def run_raw(self) -> tuple[int, int]:
         """KVM_RUN once with the kernel's answer untouched (the selftests' __vcpu_run()): (errno or
         0, kvm_run.exit_reason), for tests that check the errno itself."""
         if self.fd < 0:
             raise ValueError("KVM_RUN on closed vCPU fd")
+        _tls.in_run = True
         try:
             fcntl.ioctl(self.fd, uapi.KVM_RUN, 0)
         except OSError as e:
+            _tls.in_run = False
+            self._take_sigbus()
             return e.errno or -1, self.kvm_run.exit_reason
+        _tls.in_run = False
         return 0, self.kvm_run.exit_reason
 
     def exit(self, reason: int | None = None) -> Exit:
@@ -152,6 +238,18 @@ class Vcpu(KvmFd):
     def set_cpuid2(self, cpuid: bytearray) -> None:
         """KVM_SET_CPUID2 with a kvm_cpuid2 buffer (e.g. Kvm.supported_cpuid)."""
         self.ioctl(uapi.KVM_SET_CPUID2, bytearray(cpuid))
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: give the vCPU MCG_CAP ``mcg_cap`` (bank count in bits 7:0, at most
+        KVM_CAP_MCE's; capability bits from Kvm.mce_cap_supported()); KVM sets MCG_CTL and every
+        MCi_CTL to all ones, so uncorrected errors are reported."""
+        self.ioctl(uapi.KVM_X86_SETUP_MCE, bytearray(mcg_cap.to_bytes(8, "little")))
+
+    def set_mce(self, mce: uapi.kvm_x86_mce) -> None:
+        """KVM_X86_SET_MCE: record ``mce`` in its bank; an uncorrected one (MCi_STATUS.UC) queues #MC
+        for the next entry, or a triple fault when CR4.MCE is clear or MCG_STATUS.MCIP is set
+        (kvm_vcpu_ioctl_x86_set_mce)."""
+        self.ioctl(uapi.KVM_X86_SET_MCE, mce)
 
     def pre_fault_memory(self, gpa: int, size: int) -> None:
         """KVM_PRE_FAULT_MEMORY: map [gpa, gpa+size) ahead of use, resuming where KVM stopped early."""

@@ -181,6 +181,8 @@ class GuestMemory:
         self._starts: list[int] = []
         self.attributes: AttributeMap | None = None  # vmm's map of private ranges (the Converter's)
         self.generation = 0  # bumped whenever a region comes or goes: lets hot paths cache a lookup
+        #: GPAs of pages known poisoned (vmm.memory.poison, MemoryPoisoned): host access refuses them
+        self.poisoned: set[int] = set()
 
     def add(
         self,
@@ -301,12 +303,28 @@ class GuestMemory:
             return self.regions[i]
         raise VmmError(f"guest physical address {gpa:#x} is not in any memslot")
 
+    def gpa_of_hva(self, hva: int) -> int | None:
+        """The GPA whose shared access reaches host address ``hva`` (through a slot's userspace_addr
+        mapping), or None when no memslot maps it: e.g. a SIGBUS's si_addr."""
+        for r in self.regions:
+            if r.userspace_addr and r.userspace_addr <= hva < r.userspace_addr + r.size:
+                return r.gpa + hva - r.userspace_addr
+        return None
+
     def shared_view(self, gpa: int, length: int) -> memoryview:
         """A writable view of [gpa, gpa+length) in the shared backing (one region), private or not:
         for tests that check what the host sees of a private range, on purpose."""
         r = self.region_at(gpa)
         if gpa + length > r.end:
             raise VmmError(f"[{gpa:#x}, {gpa + length:#x}) crosses the end of memslot {r.slot} at {r.end:#x}")
+        if self.poisoned and length > 0:
+            first, last = gpa & ~(PAGE_SIZE - 1), (gpa + length - 1) & ~(PAGE_SIZE - 1)
+            bad = min((p for p in self.poisoned if first <= p <= last), default=None)
+            if bad is not None:
+                raise VmmError(
+                    f"guest memory [{gpa:#x}, {gpa + length:#x}): the page at {bad:#x} is poisoned (reading it "
+                    "would SIGBUS the host); discard it first (vmm.memory.poison.discard)"
+                )
         if not r.host_view.nbytes:
             raise VmmError(f"memslot {r.slot} has no host mapping")
         off = gpa - r.gpa

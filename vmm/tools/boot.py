@@ -9,13 +9,14 @@ import time
 
 import click
 
-from vmm.errors import GuestAssertion, GuestError, GuestTimeout
+from vmm.errors import GuestAssertion, GuestError, GuestException, GuestTimeout, MemoryPoisoned
 from vmm.guest import Machine, Ucall, UcallCmd, load_guest
 from vmm.guest.layout import DATA_GPA
 from vmm.kvm import Kvm
 from vmm.kvm.caps import PRIVATE_MEM_REASON, auto_backing, private_memory
+from vmm.kvm.syscalls import BUS_MCEERR_AO, BUS_MCEERR_AR
 from vmm.kvm.uapi import Cap, ExitReason, GmemFlag, VmType, enum_name
-from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing
+from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, poison
 
 from .units import human_size, parse_size
 from .usage import EXIT_ASSERT, EXIT_PASSED, EXIT_TIMEOUT, EXIT_UNEXPECTED, fail
@@ -100,6 +101,14 @@ def _finite_seconds(value: float) -> float:
     show_default=True,
     help="With --vm-type sw_protected: memfd + guest_memfd region at 4 GiB, passed in rcx.",
 )
+@click.option(
+    "--poison",
+    "poison_gpa",
+    default=None,
+    metavar="GPA",
+    help="Inside `vmm nested` only: poison the page backing GPA (MADV_HWPOISON) before the run, pass GPA "
+    "in rcx unless --arg is given, and route the error the vCPU meets into the guest as #MC.",
+)
 def boot(
     guest_spec: str,
     mem: str,
@@ -111,6 +120,7 @@ def boot(
     timeout: float,
     vm_type: str | None,
     private_mem: str,
+    poison_gpa: str | None,
 ) -> None:
     """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
     size = parse_size(mem)
@@ -122,6 +132,7 @@ def boot(
         user_arg = int(arg, 0)
     except ValueError:
         fail(f"--arg {arg!r} is not a number")
+    gpa = _poison_gpa(poison_gpa) if poison_gpa is not None else None
     image = load_guest(guest_spec)
     private = (VmType[vm_type.upper()] if vm_type else image.vm_type) == VmType.SW_PROTECTED
     private_size = parse_size(private_mem)
@@ -167,9 +178,13 @@ def boot(
                     if private:
                         _accounting(m, uc)
 
+            if gpa is not None and arg == "0":
+                user_arg = gpa
             m.load(image, mode=mode, arg=user_arg, page_size=PAGE_SIZE if page_size == "4k" else HUGE_PAGE_SIZE)
+            if gpa is not None:
+                _poison(m, gpa)
             start = time.monotonic()
-            code, verdict = EXIT_PASSED, "passed (GUEST_DONE)"
+            code, verdict, routed = EXIT_PASSED, "passed (GUEST_DONE)", ""
             try:
                 results = m.run_all(timeout, on_sync=on_sync)
                 if any(not (isinstance(r, Ucall) and r.cmd == UcallCmd.DONE) for r in results):
@@ -178,11 +193,53 @@ def boot(
                 code, verdict = EXIT_ASSERT, f"FAILED: {e}"
             except GuestTimeout as e:
                 code, verdict = EXIT_TIMEOUT, f"TIMEOUT: {e}"
+            except MemoryPoisoned as e:
+                code, verdict = EXIT_UNEXPECTED, f"POISONED: {e}"
+                routed = _route_mce(m, e, timeout)
             except GuestError as e:  # UnexpectedExit, UcallError, MemoryFaultError: the guest's failure
                 code, verdict = EXIT_UNEXPECTED, f"STOPPED: {e}"
             elapsed = time.monotonic() - start
             _report(m, image.name, verdict, elapsed, syncs, sync_count[0])
+            if routed:
+                click.echo(routed)
     sys.exit(code)
+
+
+def _poison_gpa(text: str) -> int:
+    """--poison's value: a guest physical address; refused outside a nested test kernel."""
+    try:
+        gpa = int(text, 0)
+    except ValueError:
+        fail(f"--poison {text!r} is not a guest physical address (a number, e.g. 0x200000)")
+    if gpa < 0:
+        fail(f"--poison {text}: a guest physical address is not negative")
+    poison.refuse_unless_nested()
+    return gpa
+
+
+def _poison(m: Machine, gpa: int) -> None:
+    """Poison the page backing ``gpa`` (its shared mapping) and say what the kernel answered."""
+    if gpa >= (end := m.memory.regions[-1].end) or not any(r.gpa <= gpa < r.end for r in m.memory.regions):
+        fail(f"--poison {gpa:#x} is not in guest memory (memslots end at {end:#x}; see --mem)")
+    m.setup_mce()
+    got = poison.poison(m.memory, gpa)
+    sigbus = {BUS_MCEERR_AR: "BUS_MCEERR_AR", BUS_MCEERR_AO: "BUS_MCEERR_AO"}.get(got.sigbus or 0, "none")
+    answer = f"EBUSY ({os.strerror(got.errno)})" if got.errno else "0"
+    click.echo(f"vmm: poisoned the page of gpa {gpa:#x} (MADV_HWPOISON: {answer}; SIGBUS to vmm: {sigbus})")
+
+
+def _route_mce(m: Machine, e: MemoryPoisoned, timeout: float) -> str:
+    """Route the poison the vCPU met into the guest as #MC (KVM_X86_SET_MCE); the report line saying
+    what the guest's #MC stub reported."""
+    if e.gpa is None:
+        return ""
+    m.inject_mce(e.vcpu_id, e.gpa)
+    try:
+        outcome: object = m.run(e.vcpu_id, timeout)
+    except GuestError as routed:
+        outcome = routed
+    shown = str(outcome).splitlines()[0] if isinstance(outcome, GuestException) else f"no #MC report: {outcome}"
+    return f"    #MC       injected at gpa {e.gpa:#x}: {shown}"
 
 
 def _report(m: Machine, name: str, verdict: str, elapsed: float, syncs: list[Ucall], sync_count: int) -> None:

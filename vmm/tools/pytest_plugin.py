@@ -20,7 +20,7 @@ from vmm.kvm import Cap, GmemFlag, Kvm, Vm, VmType
 from vmm.kvm.caps import PRIVATE_MEM_REASON, private_memory
 from vmm.kvm.system import KVM_DEVICE, access_advice
 
-__all__ = ["boot", "require", "require_gmem_flags", "require_private_mem"]
+__all__ = ["boot", "require", "require_gmem_flags", "require_poisonable", "require_private_mem"]
 
 
 def require(condition: bool, capability: str) -> None:
@@ -34,6 +34,14 @@ def require_gmem_flags(vm: Vm, flags: int) -> None:
     have = vm.check_extension(Cap.GUEST_MEMFD_FLAGS)
     names = "|".join(f"GUEST_MEMFD_FLAG_{f.name}" for f in GmemFlag if f & flags)
     require(have & flags == flags, f"{names} in KVM_CAP_GUEST_MEMFD_FLAGS")
+
+
+def require_poisonable() -> None:
+    """Skip unless pages may be poisoned here: inside a nested test kernel (VMM_NESTED=1, never on
+    the host: MADV_HWPOISON retires a physical page for good), as root, with CONFIG_MEMORY_FAILURE."""
+    require(os.environ.get("VMM_NESTED") == "1", "a nested test kernel to poison pages in (VMM_NESTED=1, `vmm nested`)")
+    require(os.geteuid() == 0, "root (CAP_SYS_ADMIN) for MADV_HWPOISON")
+    require(os.path.exists("/proc/sys/vm/memory_failure_early_kill"), "CONFIG_MEMORY_FAILURE")
 
 
 def require_private_mem(kvm: Kvm) -> None:
