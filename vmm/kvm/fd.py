@@ -21,6 +21,11 @@ _IOCTL_NAMES: dict[int, str] = {
 }
 
 
+def name_ioctls(names: dict[str, int]) -> None:
+    """Add request numbers of another ioctl family (userfaultfd's UFFDIO_*) to the names errors show."""
+    _IOCTL_NAMES.update({value: name for name, value in names.items()})
+
+
 def ioctl_name(request: int) -> str:
     """The "KVM_..." name of a request number vmm knows, else the number in hex."""
     return _IOCTL_NAMES.get(request, hex(request))

@@ -35,7 +35,7 @@ MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
 MPOL_F_ADDR = 1 << 1
 MAX_NODE = 64  # bits in the one-word node masks mbind/get_mempolicy take here
 # <asm/unistd_64.h>
-SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES = 237, 239, 279
+SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES, SYS_USERFAULTFD = 237, 239, 279, 323
 
 
 def _call(what: str, func: Any, *args: Any) -> int:
@@ -130,6 +130,11 @@ def page_nodes(addrs: list[int]) -> list[int]:
     status = (ctypes.c_int * len(addrs))()
     _call("move_pages", _libc.syscall, SYS_MOVE_PAGES, 0, ctypes.c_ulong(len(addrs)), pages, None, status, 0)
     return list(status)
+
+
+def userfaultfd(flags: int) -> int:
+    """userfaultfd(2): a new userfaultfd (no libc wrapper); vmm.kvm.uffd wraps it as a Userfaultfd."""
+    return _call("userfaultfd", _libc.syscall, SYS_USERFAULTFD, ctypes.c_int(flags))
 
 
 def meminfo(field: str) -> int:
