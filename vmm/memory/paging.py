@@ -132,7 +132,7 @@ class DemandPager:
         *,
         fetch: int = PAGE_SIZE,
         prefetch: int = 0,
-        guard: bool = False,
+        guard: bool = True,
     ) -> None:
         if fetch not in (PAGE_SIZE, HUGE_PAGE_SIZE):
             raise VmmError(f"fetch unit {fetch:#x}: expected 4K or 2M")
