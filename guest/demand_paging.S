@@ -8,7 +8,8 @@
  *
  * rcx = GPA of a parameter block (u64s) in shared memory the host wrote:
  *   0 base, 8 bytes per vCPU, 16 seed, 24 mode, 32 write (store each checked u64 back, as
- *   memstress writes), 64 + 16 * id: this vCPU's command {gpa, npages} (mode 1 only).
+ *   memstress writes), 40 check (0: touch without checking, for any page source),
+ *   64 + 16 * id: this vCPU's command {gpa, npages} (mode 1 only).
  * mode 0, SWEEP: touch [base + id * bytes, + bytes), SYNC(1, pages touched), DONE.
  * mode 1, COMMANDS: SYNC(2), then touch the command's pages; npages 0 ends with DONE.
  * mode 2, OUTS: `rep outsb` of 16 bytes from base to port 0x2000 (KVM's emulator reads the
@@ -24,6 +25,7 @@ GUEST_ENTRY
     mov %rdi, %r12                  /* r12 = vCPU id */
     mov 16(%rbx), %r13              /* r13 = seed */
     mov 32(%rbx), %r14              /* r14 = write flag */
+    mov 40(%rbx), %rbp              /* rbp = check flag */
     mov 24(%rbx), %rax
     cmp $1, %rax
     je commands
@@ -77,19 +79,23 @@ call_page:
 /* check (and with r14 set, store back) [rdi, rsi) page by page; r15 = pages touched */
 touch:
     xor %r15, %r15
+    cmp %rsi, %rdi
+    jae 6f
 3:  mov (%rdi), %rax
+    test %rbp, %rbp
+    jz 5f
     mov %rdi, %rdx
     xor %r13, %rdx
     GUEST_ASSERT_EQ(%rax, %rdx)
-    test %r14, %r14
+    lea LAST_U64(%rdi), %rcx
+    mov (%rcx), %rdx
+    xor %r13, %rcx
+    GUEST_ASSERT_EQ(%rdx, %rcx)
+5:  test %r14, %r14
     jz 4f
     mov %rax, (%rdi)
-4:  lea LAST_U64(%rdi), %rcx
-    mov (%rcx), %rax
-    xor %r13, %rcx
-    GUEST_ASSERT_EQ(%rax, %rcx)
-    inc %r15
+4:  inc %r15
     add $PAGE, %rdi
     cmp %rsi, %rdi
     jb 3b
-    ret
+6:  ret

@@ -39,10 +39,18 @@ def params_gpa(memory: GuestMemory) -> int:
 
 
 def write_params(
-    memory: GuestMemory, at: int, base: int, per_vcpu: int, seed: int, mode: int = SWEEP, write: bool = False
+    memory: GuestMemory,
+    at: int,
+    base: int,
+    per_vcpu: int,
+    seed: int,
+    mode: int = SWEEP,
+    write: bool = False,
+    check: bool = True,
 ) -> None:
-    """The guest's parameter block at ``at`` (shared memory in slot 0; pass ``at`` as the arg)."""
-    memory.write(at, struct.pack("<5Q", base, per_vcpu, seed, mode, int(write)))
+    """The guest's parameter block at ``at`` (shared memory in slot 0; pass ``at`` as the arg);
+    ``check`` False touches pages without checking the pattern (any page source)."""
+    memory.write(at, struct.pack("<6Q", base, per_vcpu, seed, mode, int(write), int(check)))
     memory.write(at + 64, bytes(16 * 256))
 
 

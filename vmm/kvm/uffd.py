@@ -128,3 +128,13 @@ class Userfaultfd(_fd.KvmFd):
             m = uffd_msg.from_buffer(buf, off)
             out.append((int(m.event), int(m.pagefault.flags), int(m.pagefault.address)))
         return out
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process can create a userfaultfd that catches kernel-mode faults (KVM's), and
+    what that needs (root, or vm.unprivileged_userfaultfd=1, in a kernel with CONFIG_USERFAULTFD)."""
+    try:
+        Userfaultfd().close()
+    except KvmError:
+        return False, "userfaultfd(2) (CONFIG_USERFAULTFD; root or vm.unprivileged_userfaultfd=1)"
+    return True, "userfaultfd(2)"
