@@ -8,7 +8,8 @@
  *
  * rcx = GPA of a parameter block (u64s) in shared memory the host wrote:
  *   0 base, 8 bytes per vCPU, 16 seed, 24 mode, 32 write (store each checked u64 back, as
- *   memstress writes), 40 check (0: touch without checking, for any page source),
+ *   memstress writes), 40 check (0: touch without checking, for any page source), 48 overlap
+ *   (every vCPU touches the first region, as demand_paging_test -o),
  *   64 + 16 * id: this vCPU's command {gpa, npages} (mode 1 only).
  * mode 0, SWEEP: touch [base + id * bytes, + bytes), SYNC(1, pages touched), DONE.
  * mode 1, COMMANDS: SYNC(2), then touch the command's pages; npages 0 ends with DONE.
@@ -36,7 +37,10 @@ GUEST_ENTRY
 
     mov 8(%rbx), %rsi
     mov %r12, %rax
-    imul %rsi, %rax
+    cmpq $0, 48(%rbx)
+    je 7f
+    xor %eax, %eax
+7:  imul %rsi, %rax
     add (%rbx), %rax
     mov %rax, %rdi                  /* rdi = start */
     add %rax, %rsi                  /* rsi = end */

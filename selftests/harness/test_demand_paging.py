@@ -81,6 +81,23 @@ def test_every_page(private_kvm: Kvm, vcpus: int, fetch: int) -> None:
         check_all(m, pager, data)
 
 
+@pytest.mark.parametrize("fetch", [PAGE_SIZE, HUGE_PAGE_SIZE], ids=["4k", "2m"])
+def test_vcpus_faulting_on_one_unit_fetch_it_once(private_kvm: Kvm, fetch: int) -> None:
+    """4 vCPUs touch the same 2 MiB at once (demand_paging_test -o): each unit is fetched exactly
+    once; the other vCPUs' faults on it wait for that fetch or find it present (stale)."""
+    size = HUGE_PAGE_SIZE
+    data = demand.pattern(PAGED_GPA, size, SEED)
+    m, pager, params = paged_machine(private_kvm, 4, size, data, fetch=fetch, guard=False)
+    with m:
+        demand.write_params(m.memory, params, PAGED_GPA, size, SEED, overlap=True)
+        for r in m.run_all(timeout=TIMEOUT):
+            expect_done(r)
+        s = pager.stats
+        assert s.fetches == size // fetch and s.bytes == size, pager.report()
+        assert s.faults > s.fetches, f"no vCPU ever faulted on a unit another one fetched: {pager.report()}"
+        check_all(m, pager, data)
+
+
 def test_background_prefetch_races_the_vcpus(private_kvm: Kvm) -> None:
     """A host thread pages the range in, in random order, while 4 vCPUs fault on it. Each 4K unit
     is fetched exactly once whoever gets there first (a vCPU waits for a fetch in flight; a fault

@@ -47,10 +47,12 @@ def write_params(
     mode: int = SWEEP,
     write: bool = False,
     check: bool = True,
+    overlap: bool = False,
 ) -> None:
     """The guest's parameter block at ``at`` (shared memory in slot 0; pass ``at`` as the arg);
-    ``check`` False touches pages without checking the pattern (any page source)."""
-    memory.write(at, struct.pack("<6Q", base, per_vcpu, seed, mode, int(write), int(check)))
+    ``check`` False touches pages without checking the pattern (any page source); ``overlap``
+    makes every vCPU touch the first vCPU's region."""
+    memory.write(at, struct.pack("<7Q", base, per_vcpu, seed, mode, int(write), int(check), int(overlap)))
     memory.write(at + 64, bytes(16 * 256))
 
 

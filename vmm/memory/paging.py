@@ -247,9 +247,6 @@ class DemandPager:
         st.fetches += 1
         st.bytes += e - s
         st.fetch_seconds += time.perf_counter() - t0
-        if self.uffd is not None:  # a KVM/host access blocked on this range resumes now
-            for hva, n in self._hvas(s, e):
-                self.uffd.wake(hva, n)
         return e - s
 
     def evict(self, gpa: int, size: int) -> None:
@@ -354,9 +351,10 @@ class DemandPager:
             if r.userspace_addr <= hva < r.userspace_addr + r.size:
                 gpa = r.gpa + (hva - r.userspace_addr) // PAGE_SIZE * PAGE_SIZE
                 lo = gpa - (gpa - self.gpa) % self.unit
-                if not self.page_in(lo, self.unit):  # present, yet punched: wake the toucher anyway
-                    for a, n in self._hvas(lo, min(lo + self.unit, self.end)):
-                        self.uffd.wake(a, n)  # type: ignore[union-attr]
+                self.page_in(lo, self.unit)  # waits for a fetch another thread has in flight
+                # the toucher sleeps until woken (only here: the guest's own page-ins pay nothing)
+                for a, n in self._hvas(lo, min(lo + self.unit, self.end)):
+                    self.uffd.wake(a, n)  # type: ignore[union-attr]
                 return
 
     def close(self) -> None:
