@@ -12,6 +12,13 @@
  * usage: attr_pager GUEST.bin VCPUS PER_VCPU_BYTES FETCH_BYTES
  * prints one JSON line: {"vcpus", "pages", "faults", "fetches", "stale", "seconds", "pages_per_s",
  * "us_per_fault"}: the time from the first KVM_RUN to the last vCPU's DONE.
+ *
+ * usage: attr_pager --attributes CALLS N...
+ * the cost of KVM_SET_MEMORY_ATTRIBUTES as attribute ranges grow: for each N, a fresh 1 GiB
+ * memslot gets N private 4K pages 8K apart (2N ranges); one JSON line per N with the mean µs per
+ * call while building, the median µs of CALLS single-page flips (a shared gap made private, then
+ * shared again), the µs of one call making all 1 GiB shared, and a null ioctl's median
+ * (KVM_CHECK_EXTENSION) as the reference.
  * The host's <linux/kvm.h> may predate memory attributes, so their numbers are defined here.
  *     cc -O2 -Wall -Wextra -pthread -o bench/build/attr_pager bench/attr_pager.c
  */
@@ -234,8 +241,73 @@ static void *vcpu_loop(void *arg)
 	}
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, n, sizeof(*v), cmp_double);
+	return v[n / 2];
+}
+
+static int attribute_costs(int argc, char **argv)
+{
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	int calls = atoi(argv[2]);
+	uint64_t span = 1ull << 30;
+
+	if (kvm < 0 || calls < 1)
+		die("usage: attr_pager --attributes CALLS N... (and /dev/kvm)");
+	double *flips = malloc(2 * calls * sizeof(double)), *nulls = malloc(calls * sizeof(double));
+	uint8_t *mem = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (!flips || !nulls || mem == MAP_FAILED)
+		die("out of memory");
+	for (int a = 3; a < argc; a++) {
+		uint64_t n = strtoull(argv[a], NULL, 0);
+		if (n < 1 || n > span / 8192)
+			die("N must be 1 to %" PRIu64, span / 8192);
+		vm_fd = xioctl(kvm, KVM_CREATE_VM, (void *)(uintptr_t)VM_TYPE_SW_PROTECTED, "KVM_CREATE_VM");
+		struct kvm_userspace_memory_region r = {
+			.slot = 0, .guest_phys_addr = DATA_GPA, .memory_size = span, .userspace_addr = (uintptr_t)mem,
+		};
+		xioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION");
+		double t0 = now(CLOCK_MONOTONIC);
+		for (uint64_t i = 0; i < n; i++)
+			set_attributes(DATA_GPA + 2 * i * 4096, 4096, ATTRIBUTE_PRIVATE);
+		double build = (now(CLOCK_MONOTONIC) - t0) / n;
+		for (int k = 0; k < calls; k++) {
+			uint64_t gpa = DATA_GPA + (2 * ((uint64_t)k * 7919 % n) + 1) * 4096;
+			double t1 = now(CLOCK_MONOTONIC);
+			set_attributes(gpa, 4096, ATTRIBUTE_PRIVATE);
+			double t2 = now(CLOCK_MONOTONIC);
+			set_attributes(gpa, 4096, 0);
+			double t3 = now(CLOCK_MONOTONIC);
+			ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY);
+			double t4 = now(CLOCK_MONOTONIC);
+			flips[2 * k] = t2 - t1;
+			flips[2 * k + 1] = t3 - t2;
+			nulls[k] = t4 - t3;
+		}
+		double t5 = now(CLOCK_MONOTONIC);
+		set_attributes(DATA_GPA, span, 0);
+		double clear = now(CLOCK_MONOTONIC) - t5;
+		printf("{\"ranges\": %" PRIu64 ", \"private_pages\": %" PRIu64 ", \"us_per_call_building\": %.3f, "
+		       "\"us_per_call\": %.3f, \"us_clear_1g\": %.3f, \"us_null_ioctl\": %.3f}\n",
+		       2 * n, n, build * 1e6, median(flips, 2 * calls) * 1e6, clear * 1e6, median(nulls, calls) * 1e6);
+		fflush(stdout);
+		close(vm_fd);
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc > 3 && !strcmp(argv[1], "--attributes"))
+		return attribute_costs(argc, argv);
 	if (argc != 5) {
 		fprintf(stderr, "usage: %s GUEST.bin VCPUS PER_VCPU_BYTES FETCH_BYTES\n", argv[0]);
 		return 2;

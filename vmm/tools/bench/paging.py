@@ -12,9 +12,10 @@ KVM_SET_MEMORY_ATTRIBUTES) against userfaultfd (MISSING, UFFDIO_COPY), in Python
      uffd-c         the kernel's demand_paging_test -u MISSING (-s shmem for 4K, anonymous_thp
                     for 2M: its fetch unit is the backing's page size)
    pages/s counts 4K pages over all vCPUs; µs/fault is a vCPU's wall time per fetched unit.
-2. KVM_SET_MEMORY_ATTRIBUTES per call as the number of distinct attribute ranges grows (1 to
-   131,072 private 4K pages, 8K apart, over 1 GiB): the median of flipping one page, against a
-   null ioctl (KVM_CHECK_EXTENSION) from the same Python loop.
+2. KVM_SET_MEMORY_ATTRIBUTES per call as the number of distinct attribute ranges grows (n = 1 to
+   131,072 private 4K pages 8K apart over 1 GiB: 2 to 262,144 ranges), from C (bench/attr_pager.c
+   --attributes: building, a 4K flip, one call clearing all 1 GiB) and from Python (a 4K flip),
+   each against a null ioctl (KVM_CHECK_EXTENSION) from the same loop.
 """
 
 from __future__ import annotations
@@ -127,18 +128,32 @@ def run_uffd_c(binary: Path, vcpus: int, per: int, unit: int) -> dict:
     return _figures(vcpus, vcpus * per, unit, int(m[1]) + int(m[2]) / 1e9)
 
 
+def attribute_costs_c(binary: Path, calls: int) -> dict[int, dict]:
+    """bench/attr_pager.c --attributes: per private-page count, µs per call building, per 4K
+    flip (median), for one call clearing the whole 1 GiB, and a null ioctl's."""
+    args = [str(binary), "--attributes", str(calls), *map(str, RANGE_POINTS)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode:
+        raise VmmError(f"{binary.name} --attributes: {proc.stderr.strip() or proc.returncode}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["private_pages"]: r for r in rows}
+
+
 def attribute_costs(kvm: Kvm, calls: int) -> list[dict]:
-    """Median µs of one KVM_SET_MEMORY_ATTRIBUTES (a 4K page flipped private, then back) with n
-    private 4K pages 8K apart over a 1 GiB memslot, for each n of RANGE_POINTS; and a null ioctl."""
+    """The C figures (attribute_costs_c) and the same 4K flip from Python, with the null ioctl of
+    the same Python loop: n private 4K pages 8K apart over a 1 GiB memslot, n in RANGE_POINTS."""
+    try:
+        c = attribute_costs_c(c_pager(), calls)
+    except (VmmError, OSError) as e:
+        progress(f"attributes in C: {e}")
+        c = {}
     out = []
     with Machine(kvm=kvm, vm_type=VmType.SW_PROTECTED, output=lambda i, t: None) as m:
         m.add_memory(PAGED_GPA, ATTR_SPAN)
         vm, built = m.vm, 0
         for n in RANGE_POINTS:
-            start = time.perf_counter()
             for i in range(built, n):
                 vm.set_memory_attributes(PAGED_GPA + 2 * i * PAGE_SIZE, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
-            build = (time.perf_counter() - start) / max(1, n - built)
             built = n
             flips, nulls = [], []
             for k in range(calls):
@@ -155,9 +170,9 @@ def attribute_costs(kvm: Kvm, calls: int) -> list[dict]:
             row = {
                 "ranges": 2 * n,  # n private pages and the shared gaps between them
                 "private_pages": n,
-                "us_per_call": statistics.median(flips) * 1e6,
-                "us_null_ioctl": statistics.median(nulls) * 1e6,
-                "us_per_call_building": build * 1e6,
+                "py_us_per_call": statistics.median(flips) * 1e6,
+                "py_us_null_ioctl": statistics.median(nulls) * 1e6,
+                "c": c.get(n),
             }
             progress(f"attributes: {row}")
             out.append(row)
@@ -227,11 +242,17 @@ def format_table(result: dict) -> str:
         if "error" in r:
             lines.append(f"  {r['impl']} {r['unit']} x{r['vcpus']}: {r['error'][:150]}")
     if result["attribute_costs"]:
-        lines.append("KVM_SET_MEMORY_ATTRIBUTES, one 4K page, median µs per call (null ioctl from the same loop):")
-        for c in result["attribute_costs"]:
+        lines.append(
+            "KVM_SET_MEMORY_ATTRIBUTES, µs per call (medians; C: bench/attr_pager.c, Python: Vm.set_memory_attributes):"
+        )
+        heads = ("ranges", "C 4K flip", "C null", "C build", "C 1G clear", "py 4K flip", "py null")
+        lines.append("".join(f"{h:>{w}}" for h, w in zip(heads, (9, 11, 8, 9, 12, 12, 9))))
+        for r in result["attribute_costs"]:
+            c = r["c"] or {}
+            cells = [c.get(k) for k in ("us_per_call", "us_null_ioctl", "us_per_call_building", "us_clear_1g")]
+            shown = [f"{v:{w}.1f}" if v is not None else f"{'-':>{w}}" for v, w in zip(cells, (11, 8, 9, 12))]
             lines.append(
-                f"  {c['ranges']:>7} ranges: {c['us_per_call']:8.2f} µs  (null ioctl {c['us_null_ioctl']:.2f} µs, "
-                f"{c['us_per_call_building']:.2f} µs per call while building)"
+                f"{r['ranges']:>9}" + "".join(shown) + f"{r['py_us_per_call']:12.1f}{r['py_us_null_ioctl']:9.1f}"
             )
     return "\n".join(lines)
 
@@ -258,10 +279,20 @@ def plot(result: dict, path: str) -> None:
     a.legend(fontsize=7)
     costs = result["attribute_costs"]
     if costs:
-        xs = [c["ranges"] for c in costs]
-        b.plot(xs, [c["us_per_call"] for c in costs], marker="o", label="KVM_SET_MEMORY_ATTRIBUTES (4K)")
-        b.plot(xs, [c["us_null_ioctl"] for c in costs], marker=".", linestyle=":", label="null ioctl (reference)")
-        b.set(xscale="log", xlabel="distinct attribute ranges", ylabel="µs per call", title="attribute update cost")
+        xs = [r["ranges"] for r in costs]
+        series = [
+            ("C: one 4K flip", [(r["c"] or {}).get("us_per_call") for r in costs], "-"),
+            ("C: one call clearing 1 GiB", [(r["c"] or {}).get("us_clear_1g") for r in costs], "-"),
+            ("C: null ioctl (reference)", [(r["c"] or {}).get("us_null_ioctl") for r in costs], ":"),
+            ("Python: one 4K flip", [r["py_us_per_call"] for r in costs], "--"),
+            ("Python: null ioctl (reference)", [r["py_us_null_ioctl"] for r in costs], ":"),
+        ]
+        for label, ys, style in series:
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                b.plot(*zip(*pts), style, marker="o", label=label)
+        b.set(xscale="log", yscale="log", xlabel="distinct attribute ranges over 1 GiB", ylabel="µs per call")
+        b.set_title("KVM_SET_MEMORY_ATTRIBUTES cost")
         b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
