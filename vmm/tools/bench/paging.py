@@ -249,8 +249,8 @@ def format_table(result: dict) -> str:
         lines.append("".join(f"{h:>{w}}" for h, w in zip(heads, (9, 11, 8, 9, 12, 12, 9))))
         for r in result["attribute_costs"]:
             c = r["c"] or {}
-            cells = [c.get(k) for k in ("us_per_call", "us_null_ioctl", "us_per_call_building", "us_clear_1g")]
-            shown = [f"{v:{w}.1f}" if v is not None else f"{'-':>{w}}" for v, w in zip(cells, (11, 8, 9, 12))]
+            figs = [c.get(k) for k in ("us_per_call", "us_null_ioctl", "us_per_call_building", "us_clear_1g")]
+            shown = [f"{v:{w}.1f}" if v is not None else f"{'-':>{w}}" for v, w in zip(figs, (11, 8, 9, 12))]
             lines.append(
                 f"{r['ranges']:>9}" + "".join(shown) + f"{r['py_us_per_call']:12.1f}{r['py_us_null_ioctl']:9.1f}"
             )
