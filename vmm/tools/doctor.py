@@ -87,7 +87,7 @@ GROUPS = (
     Group("demand paging: userfaultfd", "kvm/test_demand_paging.py", lambda k: uffd.available()),
     Group(
         "demand paging: memory attributes",
-        "harness/test_demand_paging*.py",
+        "harness/test_paging_attributes.py test_demand_paging_cli.py",
         lambda k: (private_memory(k), PRIVATE_MEM_REASON),
     ),
 )
