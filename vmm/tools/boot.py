@@ -152,7 +152,9 @@ def boot(
                 "nested test kernel (`vmm nested`, see README)"
             )
         vm_private = private  # the VM type; `private` alone means the guest wants a private data region
-        if backing == "auto":
+        if backing == "auto" and paging is not None:
+            backing = Backing.SHARED  # slot 0 plain; the paged slot is memfd-only anyway
+        elif backing == "auto":
             backing, vm_private = auto_backing(kvm, private)
         elif backing != Backing.SHARED:
             _check_backing(kvm, backing, private)
