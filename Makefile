@@ -68,11 +68,11 @@ guest/build/%.bin: guest/%.S guest/include/vmm.h guest/guest.ld
 	ld -nostdlib -static -T guest/guest.ld -o guest/build/$*.elf guest/build/$*.o
 	objcopy -O binary guest/build/$*.elf $@
 
-bench/build/exit_loop: bench/exit_loop.c
+bench/build/exit_loop: bench/exit_loop.c bench/kvm_bench.h
 	@mkdir -p bench/build
 	cc -O2 -Wall -Wextra -o $@ $<
 
-bench/build/attr_pager: bench/attr_pager.c
+bench/build/attr_pager: bench/attr_pager.c bench/kvm_bench.h
 	@mkdir -p bench/build
 	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
