@@ -40,7 +40,9 @@ def describe(arg: Any) -> str:
             if name.startswith(("pad", "reserved")):
                 continue
             value = getattr(arg, name)
-            if isinstance(value, ctypes.Array):
+            if isinstance(value, ctypes.Structure):  # nested (uffdio_register.range): its fields too
+                value = describe(value)
+            elif isinstance(value, ctypes.Array):
                 value = list(value)
             elif isinstance(value, int) and value > 9:
                 value = hex(value)
