@@ -52,6 +52,7 @@ def test_bad_demand_paging_options(tmp_path: Path, source: Path) -> None:
     assert "private-memory guest private_demo" in line, line
 
 
+@pytest.mark.host_only  # nested kernels have SW_PROTECTED: test_boot_demand_paging checks doctor there
 def test_demand_paging_follows_sw_protected(kvm: Kvm, source: Path) -> None:
     """doctor's demand-paging line follows KVM_X86_SW_PROTECTED_VM; without it, boot refuses in one
     line naming the capability (with it, test_boot_demand_paging below boots)."""
@@ -66,7 +67,7 @@ def test_demand_paging_follows_sw_protected(kvm: Kvm, source: Path) -> None:
 
 
 @pytest.mark.private_mem
-@pytest.mark.parametrize("fetch,prefetch", [("4k", "0"), ("2m", "1")])
+@pytest.mark.parametrize("fetch,prefetch", [pytest.param("4k", "0", marks=pytest.mark.slow), ("2m", "1")])
 def test_boot_demand_paging(kvm: Kvm, source: Path, fetch: str, prefetch: str) -> None:
     """The demand_paging guest touches every page paged from the 3 MiB file: 3 MiB in 768 4K
     fetches, or 4 MiB (rounded up to the unit; the rest reads as zeros) in both 2M units from one or
