@@ -243,10 +243,11 @@ class DemandPager:
                 os.pwrite(r.shared_fd, view[lo - s : hi - s], lo - r.gpa)
         self.vm.set_memory_attributes(s, e - s, 0)
         self.attributes.set(s, e, 0)
-        st = self.stats
-        st.fetches += 1
-        st.bytes += e - s
-        st.fetch_seconds += time.perf_counter() - t0
+        with self.cond:  # counters too: vCPU threads fetch in parallel, and += is no atomic step
+            st = self.stats
+            st.fetches += 1
+            st.bytes += e - s
+            st.fetch_seconds += time.perf_counter() - t0
         return e - s
 
     def evict(self, gpa: int, size: int) -> None:
@@ -277,14 +278,16 @@ class DemandPager:
             raise MemoryFaultError(
                 f"vCPU {vcpu.id}: {exit} in the demand-paged range: a shared fault is no page-in request"
             )
-        self.stats.faults += 1
+        with self.cond:
+            self.stats.faults += 1
         lo = exit.gpa - (exit.gpa - self.gpa) % self.unit
         fetched = self.page_in(lo, self.unit * (1 + self.prefetch), wait=False)
         self.wait(lo, lo + self.unit)  # only the faulting unit: prefetched ones need not be done
         if fetched:
             self._last_fault.pop(vcpu.id, None)
             return True
-        self.stats.stale_faults += 1
+        with self.cond:
+            self.stats.stale_faults += 1
         last, n, then = self._last_fault.get(vcpu.id, (None, 0, -1))
         n = n + 1 if last == exit and then == self.generation else 1
         self._last_fault[vcpu.id] = (exit, n, self.generation)
