@@ -6,7 +6,7 @@ VMM       := $(VENV)/bin/vmm
 RESULTS   := results
 GUEST_SRC := $(wildcard guest/*.S)
 GUEST_BIN := $(patsubst guest/%.S,guest/build/%.bin,$(GUEST_SRC))
-BENCH_BIN := bench/build/exit_loop
+BENCH_BIN := bench/build/exit_loop bench/build/attr_pager
 KERNELS   := 6.12 7.3
 SHELL     := /bin/bash
 
@@ -68,9 +68,13 @@ guest/build/%.bin: guest/%.S $(wildcard guest/include/*.h) guest/guest.ld
 	ld -nostdlib -static -T guest/guest.ld -o guest/build/$*.elf guest/build/$*.o
 	objcopy -O binary guest/build/$*.elf $@
 
-$(BENCH_BIN): bench/exit_loop.c
+bench/build/exit_loop: bench/exit_loop.c bench/kvm_bench.h
 	@mkdir -p bench/build
 	cc -O2 -Wall -Wextra -o $@ $<
+
+bench/build/attr_pager: bench/attr_pager.c bench/kvm_bench.h
+	@mkdir -p bench/build
+	cc -O2 -Wall -Wextra -pthread -o $@ $<
 
 clean:
 	rm -rf guest/build bench/build $(RESULTS)

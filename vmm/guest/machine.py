@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Any
 
 from vmm.errors import VcpuStopped, VmmError
 from vmm.kvm.exits import Exit, ExitHandlers
@@ -15,6 +16,7 @@ from vmm.kvm.vcpu import Vcpu
 from vmm.kvm.vm import Vm
 from vmm.memory.convert import ConversionPolicy, Converter
 from vmm.memory.faults import PrivateMemoryHandlers, ProtectedRange
+from vmm.memory.paging import DemandPager, SourceSpec, open_source
 from vmm.memory.regions import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, GuestMemory, HugePages, Region
 
 from . import x86
@@ -122,6 +124,24 @@ class Machine:
                     self.memory.delete(r.slot)
                 raise
         return regions
+
+    def add_demand_paged_memory(
+        self,
+        gpa: int,
+        size: int,
+        source: SourceSpec,
+        **opts: Any,
+    ) -> DemandPager:
+        """A memslot (memfd, no guest_memfd) at ``gpa`` demand-paged from ``source`` (vmm.memory.paging;
+        ``opts``: fetch, prefetch, guard). Needs a SW_PROTECTED machine; the pager closes with it."""
+        if self.converter is None or not isinstance(self.handlers, PrivateMemoryHandlers):
+            raise VmmError("demand paging needs a KVM_X86_SW_PROTECTED_VM machine with vmm's private-memory handlers")
+        self.add_memory(gpa, size, Backing.SHARED, **opts.pop("memory", {}))
+        pager = DemandPager(self.converter, gpa, size, open_source(source), **opts)
+        self._stack.callback(pager.source.close)
+        self._stack.callback(pager.close)
+        self.handlers.pagers.append(pager)
+        return pager
 
     def load(
         self, image: GuestImage | bytes, mode: Mode | str | None = None, arg: int = 0, page_size: int = HUGE_PAGE_SIZE

@@ -21,6 +21,11 @@ _IOCTL_NAMES: dict[int, str] = {
 }
 
 
+def name_ioctls(names: dict[str, int]) -> None:
+    """Add request numbers of another ioctl family (userfaultfd's UFFDIO_*) to the names errors show."""
+    _IOCTL_NAMES.update({value: name for name, value in names.items()})
+
+
 def ioctl_name(request: int) -> str:
     """The "KVM_..." name of a request number vmm knows, else the number in hex."""
     return _IOCTL_NAMES.get(request, hex(request))
@@ -35,7 +40,9 @@ def describe(arg: Any) -> str:
             if name.startswith(("pad", "reserved")):
                 continue
             value = getattr(arg, name)
-            if isinstance(value, ctypes.Array):
+            if isinstance(value, ctypes.Structure):  # nested (uffdio_register.range): its fields too
+                value = describe(value)
+            elif isinstance(value, ctypes.Array):
                 value = list(value)
             elif isinstance(value, int) and value > 9:
                 value = hex(value)

@@ -44,7 +44,7 @@ SA_SIGINFO, SA_ONSTACK = 0x4, 0x08000000
 PR_MCE_KILL, PR_MCE_KILL_SET = 33, 1
 PR_MCE_KILL_LATE, PR_MCE_KILL_EARLY, PR_MCE_KILL_DEFAULT = 0, 1, 2
 # <asm/unistd_64.h>
-SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES, SYS_SECCOMP = 237, 239, 279, 317
+SYS_MBIND, SYS_GET_MEMPOLICY, SYS_MOVE_PAGES, SYS_SECCOMP, SYS_USERFAULTFD = 237, 239, 279, 317, 323
 # <linux/prctl.h>, <linux/seccomp.h>
 PR_SET_NO_NEW_PRIVS, SECCOMP_SET_MODE_FILTER = 38, 1
 
@@ -175,6 +175,11 @@ def set_mce_kill_policy(policy: int) -> None:
     _call(
         "prctl", _libc.prctl, PR_MCE_KILL, PR_MCE_KILL_SET, ctypes.c_ulong(policy), ctypes.c_ulong(0), ctypes.c_ulong(0)
     )
+
+
+def userfaultfd(flags: int) -> int:
+    """userfaultfd(2): a new userfaultfd (no libc wrapper); vmm.kvm.uffd wraps it as a Userfaultfd."""
+    return _call("userfaultfd", _libc.syscall, SYS_USERFAULTFD, ctypes.c_int(flags))
 
 
 def meminfo(field: str) -> int:

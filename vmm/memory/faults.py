@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from vmm.kvm.vcpu import Vcpu
     from vmm.kvm.vm import Vm
 
+    from .paging import DemandPager
+
 MAX_REPEATS = 3  # the same fault this many times with no conversion in between is a bug, not a race
 
 
@@ -55,6 +57,7 @@ class PrivateMemoryHandlers(ExitHandlers):
         self.attributes_decide = converter.vm.type == VmType.SW_PROTECTED
         self.policy_for: dict[int, ConversionPolicy] = {}  # per-vCPU overrides of the converter's policy
         self.protected: list[ProtectedRange] = []  # what Machine.load placed; never converted to private
+        self.pagers: list[DemandPager] = []  # demand-paged ranges (vmm.memory.paging): their faults are page-ins
 
     def protect(self, start: int, end: int, what: str) -> None:
         """Refuse guest requests to make [start, end) private: ``what`` lives there (e.g. "page tables")."""
@@ -90,7 +93,15 @@ class PrivateMemoryHandlers(ExitHandlers):
         Other types (SEV-SNP, TDX: the guest's page tables choose private or shared): convert the
         range to what the fault asks, as QEMU's kvm_convert_memory does, unless it would make a
         protected range private (GuestError). That branch needs such a VM (or
-        ``attributes_decide`` set False by a caller that gives faults that meaning)."""
+        ``attributes_decide`` set False by a caller that gives faults that meaning).
+
+        A fault in a demand-paged range (``pagers``; PRIVATE there means "not present", in a
+        memslot without guest_memfd) is a page-in: the pager fetches the unit and converts it to
+        shared, with its own lock so vCPUs fault on different units in parallel, and its own
+        stale-fault rule (a fault on a range present by now re-enters, bounded)."""
+        for pager in self.pagers:
+            if pager.owns(exit.gpa):
+                return pager.on_fault(vcpu, exit)
         conv = self.converter
         with self.lock:
             self.counts.memory_faults += 1

@@ -18,6 +18,7 @@ from vmm.kvm.syscalls import BUS_MCEERR_AO, BUS_MCEERR_AR
 from vmm.kvm.uapi import Cap, ExitReason, GmemFlag, VmType, enum_name
 from vmm.memory import HUGE_PAGE_SIZE, PAGE_SIZE, Backing, poison
 
+from .paging_options import paging_options
 from .units import human_size, parse_size
 from .usage import EXIT_ASSERT, EXIT_PASSED, EXIT_TIMEOUT, EXIT_UNEXPECTED, fail
 
@@ -109,6 +110,17 @@ def _finite_seconds(value: float) -> float:
     help="Inside `vmm nested` only: poison the page backing GPA (MADV_HWPOISON) before the run, pass GPA "
     "in rcx unless --arg is given, and route the error the vCPU meets into the guest as #MC.",
 )
+@click.option(
+    "--demand-paging",
+    "paging_source",
+    default=None,
+    metavar="SOURCE",
+    help="Demand-page a memslot at 4 GiB (rcx) from the file SOURCE: KVM_EXIT_MEMORY_FAULT page-ins (sw_protected).",
+)
+@click.option("--fetch", type=click.Choice(["4k", "2m"]), default=None, help="Demand-paging fetch unit [4k].")
+@click.option(
+    "--prefetch", type=click.IntRange(0), default=None, help="Demand paging: units fetched after each fault [0]."
+)
 def boot(
     guest_spec: str,
     mem: str,
@@ -121,6 +133,9 @@ def boot(
     vm_type: str | None,
     private_mem: str,
     poison_gpa: str | None,
+    paging_source: str | None,
+    fetch: str | None,
+    prefetch: int | None,
 ) -> None:
     """Boot GUEST (a bundled name, a .S source or a flat binary) and print its report."""
     size = parse_size(mem)
@@ -134,18 +149,25 @@ def boot(
         fail(f"--arg {arg!r} is not a number")
     gpa = _poison_gpa(poison_gpa) if poison_gpa is not None else None
     image = load_guest(guest_spec)
+    paging = paging_options(paging_source, fetch, prefetch, vm_type)
     private = (VmType[vm_type.upper()] if vm_type else image.vm_type) == VmType.SW_PROTECTED
+    if paging is not None and private:
+        fail(f"--demand-paging pages the region at 4 GiB, where the private-memory guest {image.name} wants its own")
     private_size = parse_size(private_mem)
     if private_size % HUGE_PAGE_SIZE or not private_size:
         fail(f"--private-mem {private_mem} is not a positive multiple of 2M")
     with Kvm() as kvm:
+        if paging is not None and not private_memory(kvm):
+            fail(f"--demand-paging needs {PRIVATE_MEM_REASON} (memory-fault exits); run it in `vmm nested`")
         if private and not private_memory(kvm):
             fail(
                 f"this host's KVM lacks {PRIVATE_MEM_REASON}: run private-memory guests in the "
                 "nested test kernel (`vmm nested`, see README)"
             )
         vm_private = private  # the VM type; `private` alone means the guest wants a private data region
-        if backing == "auto":
+        if backing == "auto" and paging is not None:
+            backing = Backing.SHARED  # slot 0 plain; the paged slot is memfd-only anyway
+        elif backing == "auto":
             backing, vm_private = auto_backing(kvm, private)
         elif backing != Backing.SHARED:
             _check_backing(kvm, backing, private)
@@ -161,8 +183,11 @@ def boot(
             f"{n} vCPU{'s' if n > 1 else ''}, {human_size(size)} {backing}"
             f"{', KVM_X86_SW_PROTECTED_VM' if vm_private else ''})"
         )
-        vm_kind = VmType.SW_PROTECTED if vm_private else VmType.DEFAULT
+        vm_kind = VmType.SW_PROTECTED if vm_private or paging else VmType.DEFAULT
         with Machine(kvm=kvm, mem_size=size, vcpus=n, backing=backing, output=show, vm_type=vm_kind) as m:
+            pager = None
+            if paging is not None:
+                pager, user_arg = paging.attach(m, image.name, user_arg if arg != "0" else None)
             if private:
                 m.add_private_memory(DATA_GPA, private_size)
                 if m.converter is not None:
@@ -202,6 +227,8 @@ def boot(
             _report(m, image.name, verdict, elapsed, syncs, sync_count[0])
             if routed:
                 click.echo(routed)
+            if pager is not None and paging is not None:
+                click.echo(f"    paging    {paging.summary(pager, elapsed)}")
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vmm.errors import VmmError
 from vmm.guest import image
+from vmm.kvm import uffd
 from vmm.kvm.caps import PRIVATE_MEM_REASON, gmem_flags, hypercall_exits, private_memory
 from vmm.kvm.system import Kvm
 from vmm.kvm.uapi import Cap, GmemFlag, VmType, enum_name
@@ -89,6 +90,12 @@ GROUPS = (
         "harness/test_memslots_vs_attributes.py",
         lambda k: (private_memory(k), PRIVATE_MEM_REASON),
     ),
+    Group("demand paging: userfaultfd", "kvm/test_demand_paging.py", lambda k: uffd.available()),
+    Group(
+        "demand paging: memory attributes",
+        "harness/test_paging_attributes.py test_demand_paging_cli.py",
+        lambda k: (private_memory(k), PRIVATE_MEM_REASON),
+    ),
 )
 
 
@@ -158,6 +165,14 @@ def report(kvm: Kvm) -> dict:
         "capabilities": caps,
         "guest_memfd_flags": [f.name for f in GmemFlag if flags & f],
         "private_memory": {"available": private_memory(kvm), "needs": PRIVATE_MEM_REASON},
+        "demand_paging": {
+            "attributes": private_memory(kvm),
+            "userfaultfd": uffd.available()[0],
+            "needs": ", ".join(
+                ([] if private_memory(kvm) else [f"{PRIVATE_MEM_REASON} (attributes; runs in `vmm nested`)"])
+                + ([] if uffd.available()[0] else [uffd.available()[1]])
+            ),
+        },
         "selftest_groups": groups,
         "guest_toolchain_missing": image.toolchain_missing(),
         "trace": trace.requirements(),
@@ -232,6 +247,13 @@ def render(r: dict) -> str:
             if pm["available"]
             else f"no: needs {pm['needs']}; run those tests with `vmm nested`"
         )
+    )
+    dp = r["demand_paging"]
+    out.append(
+        "demand paging     "
+        + ("memory attributes (`vmm boot --demand-paging`)" if dp["attributes"] else "no memory attributes")
+        + (", userfaultfd" if dp["userfaultfd"] else ", no userfaultfd")
+        + ("" if dp["attributes"] and dp["userfaultfd"] else f"; needs {dp['needs']}")
     )
     out.append("")
     out.append("selftest groups")

@@ -7,13 +7,17 @@ from pathlib import Path
 
 import click
 
+from vmm.errors import VmmError
+from vmm.memory import HUGE_PAGE_SIZE
 from vmm.tools.units import parse_size
+from vmm.tools.usage import fail
 
 from . import common as bench_common
 from . import conversions as bench_conversions
 from . import exits as bench_exits
 from . import memslots as bench_memslots
 from . import memslots_report
+from . import paging as bench_paging
 from . import trace as bench_trace
 
 
@@ -192,3 +196,44 @@ def bench_trace_cmd(n: int, sweep: str, repeats: int, json_path: str | None) -> 
     if json_path:
         bench_common.write_json(json_path, result)
         click.echo(f"wrote {json_path}")
+
+
+@bench.command("paging")
+@click.option("--size", default="4M", show_default=True, help="Memory each vCPU touches (multiple of 2M).")
+@click.option(
+    "--c-test",
+    default=None,
+    metavar="PATH",
+    help="The kernel's demand_paging_test [default: ~/.cache/vmm/kselftests/demand_paging_test].",
+)
+@click.option(
+    "--calls", type=click.IntRange(1), default=200, show_default=True, help="Attribute flips per range count."
+)
+@click.option("--skip", multiple=True, type=click.Choice((*bench_paging.IMPLS, "attributes")), help="Leave a part out.")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@click.option(
+    "--plot", "plot_path", default=None, metavar="FILE", help="Draw the curves to this SVG (needs matplotlib)."
+)
+def bench_paging_cmd(
+    size: str, c_test: str | None, calls: int, skip: tuple[str, ...], json_path: str | None, plot_path: str | None
+) -> None:
+    """Demand paging: memory attributes vs userfaultfd, Python vs C, 1/2/4 vCPUs, 4K vs 2M (needs private memory)."""
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'vmm-gmem[plot]'")
+    per = parse_size(size)
+    if per <= 0 or per % HUGE_PAGE_SIZE:
+        fail(f"--size {size} is not a positive multiple of 2M")
+    try:
+        result = bench_paging.run_paging_bench(per, Path(c_test).expanduser() if c_test else None, calls, skip)
+    except VmmError as e:
+        fail(str(e))
+    click.echo(bench_paging.format_table(result))
+    if json_path:
+        bench_common.write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        bench_paging.plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")

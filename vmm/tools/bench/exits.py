@@ -72,7 +72,8 @@ def c_binary() -> Path:
     """bench/build/exit_loop, compiled with ``cc`` (the Makefile's flags) when missing or stale."""
     src = bench_dir() / "exit_loop.c"
     out = bench_dir() / "build" / "exit_loop"
-    if out.exists() and (not src.exists() or out.stat().st_mtime >= src.stat().st_mtime):
+    newest = max((p.stat().st_mtime for p in (src, bench_dir() / "kvm_bench.h") if p.exists()), default=0.0)
+    if out.exists() and out.stat().st_mtime >= newest:
         return out
     if not src.exists():
         raise VmmError(f"{src} not found: the exit benchmark needs a vmm checkout")
