@@ -340,7 +340,7 @@ def page_of(gpa: int) -> int:
 
 
 def test_load_records_what_it_placed(kvm: Kvm) -> None:
-    """Machine.load (long mode, 2 vCPUs) records the image, the GDT/TSS, the page tables and each
+    """Machine.load (long mode, 2 vCPUs) records the image, GDT, IDT, TSS, ucall blocks, page tables and each
     vCPU's stack as disjoint ranges, hands them to PrivateMemoryHandlers, and they cover what the
     vCPUs really use: each RSP's page, CR3's page, RIP's page and the GDT base; the first free GPA
     lies outside them. A memslot added after load gets page tables, which are recorded too."""
@@ -359,7 +359,7 @@ def test_load_records_what_it_placed(kvm: Kvm) -> None:
             assert what_at(regs.rsp - 8) == f"vCPU {v.id}'s stack"
             assert what_at(sregs.cr3) == "the page tables"
             assert (what_at(regs.rip) or "").startswith("the guest image") and regs.rip == IMAGE_GPA
-            assert what_at(sregs.gdt.base) == "the GDT and TSS" and sregs.gdt.base == GDT_GPA
+            assert what_at(sregs.gdt.base) == "the GDT" and sregs.gdt.base == GDT_GPA
         assert what_at(m.free_gpa) is None and what_at(IMAGE_END - 1) is not None
 
         before = len(m.protected)
@@ -400,7 +400,7 @@ def test_map_gpa_range_over_what_vmm_placed_stops_the_run(kvm: Kvm) -> None:
             (stack0, 1, "vCPU 0's stack"),
             (IMAGE_GPA, 1, "the guest image"),
             (page_of(cr3), 1, "the page tables"),
-            (GDT_GPA, 1, "the GDT and TSS"),
+            (GDT_GPA, 1, "the GDT"),
             (last_stack_top - PAGE_SIZE, 2, "vCPU 1's stack"),
         ]
         vcpu.kvm_run.hypercall.ret = 0x5A

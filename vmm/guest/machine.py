@@ -194,7 +194,9 @@ class Machine:
         tables_end = self.allocator.next
         stacks = [self.allocator.alloc(STACK_SIZE) + STACK_SIZE for _ in self.vcpus]
         free = self.free_gpa = self.allocator.next
-        self._protect(ProtectedRange(GDT_GPA, TSS_GPA + PAGE_SIZE, "the GDT and TSS"))
+        # the GDT's page holds the IDT in its second half (IDT_GPA)
+        self._protect(ProtectedRange(GDT_GPA, IDT_GPA, "the GDT"))
+        self._protect(ProtectedRange(TSS_GPA, TSS_GPA + PAGE_SIZE, "the TSS"))
         if stubs_gpa is not None:
             idt = x86.write_idt(self.memory, stubs_gpa)
             self._protect(ProtectedRange(IDT_GPA, IDT_GPA + EXC_VECTORS * 16, "the IDT"))
