@@ -181,6 +181,7 @@ USAGE_ERRORS = [
 ]
 
 
+@pytest.mark.no_kvm  # parsing only: the nested run leaves it to the host
 @pytest.mark.parametrize("args", USAGE_ERRORS, ids=" ".join)
 def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
     """A bad option value, an unknown option, a missing value or an extra argument: one line
@@ -191,12 +192,14 @@ def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
     assert "Usage:" not in line
 
 
+@pytest.mark.no_kvm  # parsing only: the nested run leaves it to the host
 def test_usage_errors_without_a_command_are_one_line() -> None:
     """An unknown command, and a bad --timeout (whatever its parser), are one line with exit 2 too."""
     assert one_line_error(vmm("no-such-command")) == "vmm: No such command 'no-such-command'. (try `vmm -h`)"
     assert "--timeout" in one_line_error(vmm("boot", "--timeout", "abc"))
 
 
+@pytest.mark.no_kvm  # parsing only: the nested run leaves it to the host
 @pytest.mark.parametrize("args", [("-h",), ("boot", "-h"), ("doctor", "--help"), ("selftest", "-h")], ids=" ".join)
 def test_help_is_unchanged(args: tuple[str, ...]) -> None:
     """-h/--help still prints click's full help on stdout and exits 0."""
