@@ -109,6 +109,7 @@ def test_boot_verdicts(kvm: Kvm) -> None:
     assert shutdown.returncode == 3 and "KVM_EXIT_SHUTDOWN" in shutdown.stdout
 
 
+@pytest.mark.no_kvm  # fails before /dev/kvm is opened: the nested run leaves it to the host
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
     """Missing/unreadable/malformed guests and bad sizes: one line on stderr, exit 2."""
     assert "not found" in one_line_error(vmm("boot", str(tmp_path / "missing.S")))
@@ -132,6 +133,7 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert "bad size" in one_line_error(vmm("boot", "--mem", "lots"))
 
 
+@pytest.mark.no_kvm  # fails before /dev/kvm is opened: the nested run leaves it to the host
 def test_missing_or_forbidden_dev_kvm(tmp_path: Path) -> None:
     """No /dev/kvm, or no permission on it: one line naming the device, exit 2."""
     missing = one_line_error(vmm("boot", env={"VMM_KVM_DEVICE": str(tmp_path / "kvm")}))
