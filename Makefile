@@ -10,7 +10,7 @@ BENCH_BIN := bench/build/exit_loop bench/build/attr_pager
 KERNELS   := 6.12 7.3
 SHELL     := /bin/bash
 
-.PHONY: run test test-host test-nested lint guests bench setup clean
+.PHONY: run test test-host test-nested lint guests bench bench-nested setup clean
 .DELETE_ON_ERROR:
 
 run: setup guests
@@ -47,6 +47,13 @@ test-nested: setup guests
 bench: setup guests $(BENCH_BIN)
 	@mkdir -p $(RESULTS)
 	$(VMM) bench exits --json $(RESULTS)/bench-exits.json
+
+# the benchmarks that need private memory, each inside a nested test kernel (VMM_BENCH_KERNEL, default
+# 6.12): results/bench-nested{,-paging,-memslots}/ with JSON and the plots; tens of minutes under TCG
+bench-nested: setup guests $(BENCH_BIN)
+	scripts/bench-nested conversions
+	scripts/bench-nested paging
+	scripts/bench-nested memslots
 
 # ruff (lint and format check) and mypy, as configured in pyproject.toml; `make test` runs it first
 lint: setup
