@@ -36,6 +36,7 @@ from .reports import guest_exception, poisoned_fault, sigbus_error
 from .dump import guest_text, read_source_line, source_line, vcpu_state
 from .layout import DEBUGCON_PORT, UCALL_PORT, UCALL_SLOT, ucall_block
 from .ucall import GuestOutput, Ucall, UcallCmd, decode
+from .watchdog import Watchdog, deadline_after
 
 if TYPE_CHECKING:
     from vmm.kvm.vcpu import Vcpu
@@ -56,63 +57,7 @@ PRINT_MAX = 4096
 NAME_MAX, EXPR_MAX = 255, 1024
 
 
-def deadline_after(timeout: float | None) -> float | None:
-    """The time.monotonic() at which ``timeout`` seconds from now end (None: no timeout); VmmError
-    unless ``timeout`` is None or a finite number > 0 (nan, inf, 0 and negatives would not bound)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-        raise VmmError(f"timeout {timeout!r}: expected a finite number of seconds > 0 (or None for no timeout)")
-    return time.monotonic() + timeout
-
-
-class _Watchdog:
-    """One daemon thread that kicks runners whose deadline passed. It sleeps until the earliest
-    deadline (no polling) and holds a runner only while the runner is watched: run(),
-    run_until_done() and run_all() stop watching when they end, whatever ends them."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._deadlines: dict[Runner, float] = {}
-        self._wake = math.inf  # when the thread wakes up next
-        self._thread: threading.Thread | None = None
-
-    def watch(self, runner: Runner, deadline: float) -> None:
-        """Kick ``runner`` (timed_out set) once time.monotonic() passes ``deadline``."""
-        with self._cond:
-            self._deadlines[runner] = deadline
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="vmm-watchdog", daemon=True)
-                self._thread.start()
-            if deadline < self._wake:
-                self._cond.notify()
-
-    def unwatch(self, runner: Runner) -> None:
-        """Forget ``runner`` (no reference to it is left here)."""
-        with self._cond:
-            self._deadlines.pop(runner, None)
-
-    def watched(self) -> int:
-        """How many runners are watched now."""
-        with self._cond:
-            return len(self._deadlines)
-
-    def _loop(self) -> None:
-        with self._cond:
-            while True:
-                self._wake = self._kick_due(time.monotonic())
-                self._cond.wait(None if self._wake == math.inf else self._wake - time.monotonic())
-
-    def _kick_due(self, now: float) -> float:
-        """Kick the runners due by ``now``; the next deadline. (A function of its own so that no
-        local variable keeps a runner alive while the thread sleeps.)"""
-        for runner in [r for r, d in self._deadlines.items() if d <= now]:
-            del self._deadlines[runner]
-            runner._time_out()
-        return min(self._deadlines.values(), default=math.inf)
-
-
-_watchdog = _Watchdog()
+_watchdog = Watchdog()  # one for every runner in the process
 
 
 def _ignore_sync(uc: Ucall) -> None:
