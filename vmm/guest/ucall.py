@@ -26,8 +26,8 @@ unknown command (the kernel's ``TEST_FAIL("Unknown ucall 0x%lx.")``).
 
 Why a fixed block and an 8-bit port (the kernel's ucall pool does the same): on this host's
 kvm_pvm every guest instruction costs about 0.14 us and every store about 0.5 us (README "Benchmarks"),
-so the old ABI, which pushed a 56-byte block and the saved registers on the stack, cost 19 us per
-SYNC where this one costs 12 (a bare OUT: 10).
+so the old ABI, which pushed a 56-byte block and the saved registers on the stack, cost 18.7 us per
+SYNC (C loop, quiet host) where this one costs 10.5 (a bare OUT: 8.3).
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from .dump import guest_text
+from .layout import UCALL_WIDE
 
 #: a console line (port 0xe9) is passed on in pieces of at most this many bytes
 CONSOLE_LINE_MAX = 4096
 #: guest output (console bytes and PRINT text) passed on per run by default; the rest is counted and dropped
 OUTPUT_MAX = 1 << 20
-
-from .layout import UCALL_WIDE
 
 _UCALL = struct.Struct("<I4x6Q")
 _ZEROS = (0,) * 6
