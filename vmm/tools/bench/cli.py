@@ -20,6 +20,15 @@ from . import memslots_report
 from . import paging as bench_paging
 from . import trace as bench_trace
 
+json_option = click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+
+
+def write_figures(json_path: str | None, result: dict) -> None:
+    """--json: write ``result`` there (fsynced) and say so."""
+    if json_path:
+        bench_common.write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
+
 
 @click.group()
 def bench() -> None:
@@ -42,15 +51,13 @@ def bench() -> None:
     show_default=True,
     help="Runs of each loop, interleaved.",
 )
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@json_option
 @click.option("--check", is_flag=True, help="Exit 1 when the ratio is above the target.")
 def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) -> None:
     """PIO ucall round trip: vmm's run loop against a minimal C KVM_RUN loop."""
     result = bench_exits.run_exit_bench(n, repeats)
     click.echo(bench_exits.format_table(result))
-    if json_path:
-        bench_common.write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+    write_figures(json_path, result)
     sys.exit(1 if check and not result["within_target"] else 0)
 
 
@@ -82,7 +89,7 @@ def bench_exits_cmd(n: int, repeats: int, json_path: str | None, check: bool) ->
     show_default=True,
     help="Seconds per sweep direction.",
 )
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@json_option
 @click.option("--check", is_flag=True, help="Exit 1 when a target is missed.")
 def bench_conversions_cmd(
     size: str,
@@ -134,7 +141,7 @@ def bench_conversions_cmd(
 @click.option("--full", is_flag=True, help="Every combination of vCPUs, slots and threads (slow under TCG).")
 @click.option("--way", "ways", multiple=True, type=click.Choice(bench_memslots.WAYS), help="Only these ways.")
 @click.option("--touch-stride", default="64K", show_default=True, help="Bytes between the vCPUs' touches.")
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@json_option
 @click.option("--plot", "plot_path", default=None, metavar="FILE", help="Draw µs/conversion and stall (SVG).")
 def bench_memslots_cmd(
     size: str,
@@ -188,14 +195,12 @@ def bench_memslots_cmd(
     show_default=True,
     help="Runs of each, interleaved.",
 )
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@json_option
 def bench_trace_cmd(n: int, sweep: str, repeats: int, json_path: str | None) -> None:
     """Slowdown under `vmm trace` and `strace -f`: the exit loop, and a 4K conversion sweep (nested)."""
     result = bench_trace.run_trace_bench(n, parse_size(sweep), repeats)
     click.echo(bench_trace.format_table(result))
-    if json_path:
-        bench_common.write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+    write_figures(json_path, result)
 
 
 @bench.command("paging")
@@ -210,7 +215,7 @@ def bench_trace_cmd(n: int, sweep: str, repeats: int, json_path: str | None) -> 
     "--calls", type=click.IntRange(1), default=200, show_default=True, help="Attribute flips per range count."
 )
 @click.option("--skip", multiple=True, type=click.Choice((*bench_paging.IMPLS, "attributes")), help="Leave a part out.")
-@click.option("--json", "json_path", default=None, metavar="FILE", help="Write the figures to this file.")
+@json_option
 @click.option(
     "--plot", "plot_path", default=None, metavar="FILE", help="Draw the curves to this SVG (needs matplotlib)."
 )
@@ -231,9 +236,7 @@ def bench_paging_cmd(
     except VmmError as e:
         fail(str(e))
     click.echo(bench_paging.format_table(result))
-    if json_path:
-        bench_common.write_json(json_path, result)
-        click.echo(f"wrote {json_path}")
+    write_figures(json_path, result)
     if plot_path:
         bench_paging.plot(result, plot_path)
         click.echo(f"wrote {plot_path}")

@@ -102,6 +102,17 @@ def run_c(binary: Path, image_path: str, syncs: int, flags: list[str] | None = N
     return {k: result[k] for k in keys}
 
 
+def per_exit(exits: int, seconds: float, cpu_seconds: float) -> dict:
+    """A run's figures as exit_loop.c prints them: totals, and µs per exit (wall and CPU)."""
+    return {
+        "exits": exits,
+        "seconds": seconds,
+        "us_per_exit": seconds * 1e6 / exits,
+        "cpu_seconds": cpu_seconds,
+        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
+    }
+
+
 def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     """One run through Machine.run(): the loop of run() calls is timed, set-up and teardown are not."""
     with Machine(kvm=kvm) as m:
@@ -120,13 +131,7 @@ def run_python(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     if not (isinstance(uc, Ucall) and uc.cmd == UcallCmd.DONE) or seen != syncs:
         raise VmmError(f"python run: stopped at {uc} after {seen} of {syncs} SYNCs")
     exits = seen + 1
-    return {
-        "exits": exits,
-        "seconds": seconds,
-        "us_per_exit": seconds * 1e6 / exits,
-        "cpu_seconds": cpu_seconds,
-        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
-    }
+    return per_exit(exits, seconds, cpu_seconds)
 
 
 def run_python_stream(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
@@ -148,13 +153,7 @@ def run_python_stream(kvm: Kvm, image: GuestImage, syncs: int) -> dict:
     if not (isinstance(last, Ucall) and last.cmd == UcallCmd.DONE) or seen[0] != syncs:
         raise VmmError(f"python run: stopped at {last} after {seen[0]} of {syncs} SYNCs")
     exits = syncs + 1
-    return {
-        "exits": exits,
-        "seconds": seconds,
-        "us_per_exit": seconds * 1e6 / exits,
-        "cpu_seconds": cpu_seconds,
-        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
-    }
+    return per_exit(exits, seconds, cpu_seconds)
 
 
 def run_python_floor(kvm: Kvm, image: GuestImage, outs: int) -> dict:
@@ -171,13 +170,7 @@ def run_python_floor(kvm: Kvm, image: GuestImage, outs: int) -> dict:
         seconds = time.perf_counter() - start
         if m.vcpus[0].kvm_run.exit_reason != ExitReason.HLT:
             raise VmmError(f"python floor: the guest did not halt after {outs} OUTs")
-    return {
-        "exits": exits,
-        "seconds": seconds,
-        "us_per_exit": seconds * 1e6 / exits,
-        "cpu_seconds": cpu_seconds,
-        "cpu_us_per_exit": cpu_seconds * 1e6 / exits,
-    }
+    return per_exit(exits, seconds, cpu_seconds)
 
 
 def run_exit_bench(exits: int = DEFAULT_EXITS, repeats: int = DEFAULT_REPEATS) -> dict:
